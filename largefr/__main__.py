@@ -1,0 +1,5 @@
+import sys
+
+from largefr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Process groups, backend/device choice and collectives (the only distributed code in largefr)."""
+from largefr.distributed.collectives import (
+    all_gather_rows,
+    all_reduce_,
+    gather_rows_with_grad,
+    reduce_scatter_rows,
+    sum_across_ranks,
+)
+from largefr.distributed.env import (
+    DistContext,
+    choose_backend_and_device,
+    free_port,
+    init_distributed,
+    init_from_env,
+    shutdown,
+)
+
+__all__ = [
+    "DistContext",
+    "all_gather_rows",
+    "all_reduce_",
+    "choose_backend_and_device",
+    "free_port",
+    "gather_rows_with_grad",
+    "init_distributed",
+    "init_from_env",
+    "reduce_scatter_rows",
+    "shutdown",
+    "sum_across_ranks",
+]

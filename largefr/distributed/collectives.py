@@ -1,0 +1,92 @@
+"""Collectives used by largefr, each with an explicit process group.
+
+Autograd Functions document their forward and backward in the first docstring line, e.g.
+"forward: all-gather rows; backward: reduce-scatter (sum) of row gradients".
+Plain helpers (no autograd) are for tensors that carry no gradient (labels, statistics) or are used
+inside Functions that write their own backward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, ReduceOp
+
+
+def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Concatenate equally sized tensors of every rank along dim 0 (no autograd)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Sum ``tensor`` over ranks and return this rank's 1/world block of rows (no autograd)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    if tensor.shape[0] % world:
+        raise ValueError(f"reduce_scatter_rows needs rows divisible by world={world}, got {tensor.shape[0]}")
+    out = tensor.new_empty((tensor.shape[0] // world, *tensor.shape[1:]))
+    dist.reduce_scatter_tensor(out, tensor.contiguous(), op=ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_(tensor: torch.Tensor, op: ReduceOp.RedOpType, group: ProcessGroup) -> torch.Tensor:
+    """In-place all-reduce of a tensor this code owns; a no-op on a group of one."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """forward: all-gather rows of every rank; backward: reduce-scatter (sum) of the gathered rows' grads.
+
+    The backward sums because every rank uses the whole gathered batch in its own part of the loss:
+    d(total)/d(local rows) = sum over ranks of that rank's grad block for these rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return all_gather_rows(tensor, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return reduce_scatter_rows(grad, ctx.group), None
+
+
+def gather_rows_with_grad(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All-gather rows along dim 0 with a reduce-scatter backward (see :class:`_AllGatherRows`)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return _AllGatherRows.apply(tensor, group)
+
+
+class _ReduceSumToAll(torch.autograd.Function):
+    """forward: all-reduce SUM; backward: identity (each rank's input contributes once to every output)
+
+    Used for per-rank partial losses whose sum is the global loss; every rank then holds the same value,
+    and the gradient of each rank's copy flows back only to that rank's own partial, which is correct
+    when the caller back-propagates the same scalar on every rank exactly once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        out = tensor.clone()
+        return all_reduce_(out, ReduceOp.SUM, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sum_across_ranks(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All-reduce SUM with an identity backward (see :class:`_ReduceSumToAll`)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return _ReduceSumToAll.apply(tensor, group)
