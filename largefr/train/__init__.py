@@ -1,0 +1,1 @@
+"""Training building blocks: LR schedule, sharded checkpoints (DCP), loggers. Import the submodules."""
