@@ -3,6 +3,8 @@ from largefr.distributed.collectives import (
     all_gather_rows,
     all_reduce_,
     gather_rows_with_grad,
+    group_rank,
+    group_size,
     reduce_scatter_rows,
     sum_across_ranks,
 )
@@ -14,14 +16,19 @@ from largefr.distributed.env import (
     init_from_env,
     shutdown,
 )
+from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 
 __all__ = [
     "DistContext",
+    "ShardedMarginSoftmaxCE",
+    "ShardedSoftmaxSpec",
     "all_gather_rows",
     "all_reduce_",
     "choose_backend_and_device",
     "free_port",
     "gather_rows_with_grad",
+    "group_rank",
+    "group_size",
     "init_distributed",
     "init_from_env",
     "reduce_scatter_rows",

@@ -14,9 +14,23 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 
 
-def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def group_size(group: ProcessGroup | None) -> int:
+    """Ranks in ``group``; ``None`` means a job that is not distributed (never the implicit WORLD)."""
+    if group is None:
+        if dist.is_initialized():
+            raise ValueError("torch.distributed is initialised: pass the process group explicitly, not None")
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    """This process's rank in ``group`` (0 when ``group`` is None, see :func:`group_size`)."""
+    return 0 if group_size(group) == 1 and group is None else dist.get_rank(group)
+
+
+def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate equally sized tensors of every rank along dim 0 (no autograd)."""
-    world = dist.get_world_size(group)
+    world = group_size(group)
     if world == 1:
         return tensor
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
@@ -24,9 +38,9 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
-def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Sum ``tensor`` over ranks and return this rank's 1/world block of rows (no autograd)."""
-    world = dist.get_world_size(group)
+    world = group_size(group)
     if world == 1:
         return tensor
     if tensor.shape[0] % world:
@@ -36,9 +50,9 @@ def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tens
     return out
 
 
-def all_reduce_(tensor: torch.Tensor, op: ReduceOp.RedOpType, group: ProcessGroup) -> torch.Tensor:
+def all_reduce_(tensor: torch.Tensor, op: ReduceOp.RedOpType, group: ProcessGroup | None) -> torch.Tensor:
     """In-place all-reduce of a tensor this code owns; a no-op on a group of one."""
-    if dist.get_world_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
@@ -60,9 +74,9 @@ class _AllGatherRows(torch.autograd.Function):
         return reduce_scatter_rows(grad, ctx.group), None
 
 
-def gather_rows_with_grad(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def gather_rows_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """All-gather rows along dim 0 with a reduce-scatter backward (see :class:`_AllGatherRows`)."""
-    if dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return tensor
     return _AllGatherRows.apply(tensor, group)
 
@@ -85,8 +99,8 @@ class _ReduceSumToAll(torch.autograd.Function):
         return grad, None
 
 
-def sum_across_ranks(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def sum_across_ranks(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """All-reduce SUM with an identity backward (see :class:`_ReduceSumToAll`)."""
-    if dist.get_world_size(group) == 1:
+    if group_size(group) == 1:
         return tensor
     return _ReduceSumToAll.apply(tensor, group)

@@ -1,0 +1,271 @@
+"""Softmax cross-entropy over classes sharded across ranks, without ever gathering logits.
+
+Each rank holds the logits of the whole (gathered) batch against its own class rows K:
+
+    l_ij = x_i . W_j * (1 / ||W_j|| if weights are normalised)        non-target entries
+    l_iy = target_fn(x_raw_i, W_y)                                      owned target entries
+
+    m_i  = all-reduce MAX over ranks of max_j l_ij
+    S_i, T_i = all-reduce SUM of (sum_j exp(l_ij - m_i), owned target logit)   (one collective)
+    loss = mean_i (log S_i + m_i - T_i)
+
+Backward is local: dL/dl_ij = (softmax_ij - [j = y_i]) / N. The logits buffer is turned into the softmax
+in place; the target entries' gradient goes to the target function's inputs; gradients through the
+row normalisation are analytic: with u_j = sum_i G_ij x_i / ||W_j|| and d_j = sum_i G_ij l_ij,
+dL/dW_j = u_j - W_j d_j / ||W_j||^2 (d/dW of W/||W|| = (I - W W^T/||W||^2) / ||W||).
+
+The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` (the head's row-sparse
+gradient record), so no dense slice-sized gradient is ever accumulated by autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.distributed import ProcessGroup, ReduceOp
+
+from largefr.distributed.collectives import all_reduce_
+
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ShardedSoftmaxSpec:
+    group: ProcessGroup
+    num_rows: int  # global batch size N; the loss is the mean over it
+    normalize_weight: bool
+    target_fn: TargetFn | None  # None: the target logit is the plain non-target formula
+    chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
+    workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
+    grad_sink: Callable[[torch.Tensor, Any], None]  # receives (dL/dW_rows [K, D] fp32, its lease)
+
+
+def _gemm_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the logits GEMMs, or None when autocast is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out (fp32) = a @ b, or += when accumulate; a and b may be low precision."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif accumulate:
+        out.add_(torch.mm(a, b))
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+class _Chunks:
+    """Row ranges [a, b) of the gathered batch processed one at a time."""
+
+    def __init__(self, num_rows: int, chunk_rows: int | None) -> None:
+        size = num_rows if not chunk_rows or chunk_rows >= num_rows else chunk_rows
+        self.size = max(size, 1)
+        self.ranges = [(a, min(a + self.size, num_rows)) for a in range(0, num_rows, self.size)]
+        self.single = len(self.ranges) == 1
+
+
+def _target_column(target_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    owned = target_col >= 0
+    return owned, target_col.clamp_min(0).unsqueeze(1)
+
+
+def _logits(ctx: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` [b-a, K] with the fp32 logits of rows [a, b), targets replaced."""
+    _mm_into(ctx.x_gemm[a:b], ctx.w_gemm.t(), out)
+    if ctx.inv_norm is not None:
+        out.mul_(ctx.inv_norm)
+    if ctx.has_target_fn and out.shape[1] > 0:
+        owned, col = _target_column(ctx.target_col[a:b])
+        current = out.gather(1, col).squeeze(1)
+        out.scatter_(1, col, torch.where(owned, ctx.target_value[a:b], current).unsqueeze(1))
+    return out
+
+
+def _target_graph(
+    target_fn: TargetFn, x_raw: torch.Tensor, w_rows: torch.Tensor, target_col: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target logits [N] with their (detached leaf) inputs, for forward values or backward grads."""
+    with torch.enable_grad():
+        x = x_raw.detach().requires_grad_(True)
+        if w_rows.shape[0] > 0:
+            w = w_rows.index_select(0, target_col.clamp_min(0)).requires_grad_(True)
+        else:
+            w = w_rows.new_zeros(x.shape).requires_grad_(True)
+        return target_fn(x, w).float(), x, w
+
+
+class ShardedMarginSoftmaxCE(torch.autograd.Function):
+    """forward: local logits, all-reduce MAX of row maxima, one all-reduce SUM of (sum exp, target logit);
+    backward: local, no collective (softmax - onehot from the saved/recomputed logits).
+
+    Inputs: x_op [N, D] (GEMM operand rows), x_raw [N, D] (raw rows for the target function),
+    w_rows [K, D] (this rank's sampled class rows), target_col [N] (column of each row's class among
+    w_rows, -1 where another rank owns it), anchor (a 0-size tensor that requires grad so the backward
+    runs even when the embeddings need no gradient), spec. Output: the global mean loss (same on all ranks).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_op: torch.Tensor,
+        x_raw: torch.Tensor,
+        w_rows: torch.Tensor,
+        target_col: torch.Tensor,
+        anchor: torch.Tensor,
+        spec: ShardedSoftmaxSpec,
+    ) -> torch.Tensor:
+        gemm_dtype = _gemm_dtype(x_op.device)
+        with torch.autocast(x_op.device.type, enabled=False):
+            return _forward(ctx, x_op, x_raw, w_rows, target_col, spec, gemm_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grad_x_op, grad_x_raw = _backward(ctx, grad_loss)
+        return grad_x_op, grad_x_raw, None, None, torch.zeros_like(ctx.anchor_like), None
+
+
+def _forward(
+    ctx: Any,
+    x_op: torch.Tensor,
+    x_raw: torch.Tensor,
+    w_rows: torch.Tensor,
+    target_col: torch.Tensor,
+    spec: ShardedSoftmaxSpec,
+    gemm_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    num_rows, num_cols = x_op.shape[0], w_rows.shape[0]
+    device, ws = x_op.device, spec.workspace
+    ctx.spec, ctx.target_col, ctx.x_raw, ctx.w_rows = spec, target_col, x_raw, w_rows
+    ctx.anchor_like = torch.empty(0, device=device)
+    ctx.has_target_fn = spec.target_fn is not None
+    ctx.inv_norm = None
+    if spec.normalize_weight:
+        ctx.inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
+    ctx.x_gemm = x_op if gemm_dtype is None else x_op.to(gemm_dtype)
+    ctx.leases = []
+    if gemm_dtype is None:
+        ctx.w_gemm = w_rows
+    else:
+        ctx.w_gemm, lease = ws.take("w_gemm", tuple(w_rows.shape), gemm_dtype, device)
+        ctx.w_gemm.copy_(w_rows)
+        ctx.leases.append(lease)
+    if ctx.has_target_fn:
+        ctx.target_value = _target_graph(spec.target_fn, x_raw, w_rows, target_col)[0].detach()
+
+    chunks = _Chunks(num_rows, spec.chunk_rows)
+    logits, lease = ws.take("logits", (chunks.size, num_cols), torch.float32, device)
+    ctx.leases.append(lease)
+    row_max = torch.empty(num_rows, device=device)
+    row_sum = torch.empty(num_rows, device=device)
+    loss_sum = torch.zeros((), device=device)
+    for a, b in chunks.ranges:
+        buf = _logits(ctx, a, b, logits[: b - a])
+        if chunks.single and spec.normalize_weight:
+            ctx.raw_logits, lease = ws.take("raw_logits", tuple(buf.shape), torch.float32, device)
+            ctx.raw_logits.copy_(buf)
+            ctx.leases.append(lease)
+        owned, col = _target_column(target_col[a:b])
+        target = buf.gather(1, col).squeeze(1) if num_cols else torch.zeros(b - a, device=device)
+        loss_sum += _softmax_stats(buf, owned, target, spec.group, row_max[a:b], row_sum[a:b])
+    ctx.row_max, ctx.row_sum, ctx.chunks = row_max, row_sum, chunks
+    ctx.logits = logits if chunks.single else None
+    if not chunks.single:
+        ctx.leases = ctx.leases[:-1]  # the chunk buffer is reused only inside this call
+    return loss_sum / num_rows
+
+
+def _softmax_stats(
+    logits: torch.Tensor,
+    owned: torch.Tensor,
+    target: torch.Tensor,
+    group: ProcessGroup,
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+) -> torch.Tensor:
+    """exp(logits - global max) in place; fills global max and sum; returns the chunk's summed loss."""
+    if logits.shape[1]:
+        torch.amax(logits, dim=1, out=row_max)
+    else:
+        row_max.fill_(float("-inf"))
+    all_reduce_(row_max, ReduceOp.MAX, group)
+    logits.sub_(row_max.unsqueeze(1)).exp_()
+    stats = torch.stack([logits.sum(dim=1), torch.where(owned, target, torch.zeros_like(target))])
+    all_reduce_(stats, ReduceOp.SUM, group)
+    row_sum.copy_(stats[0])
+    return (stats[0].log() + row_max - stats[1]).sum()
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    spec: ShardedSoftmaxSpec = ctx.spec
+    num_rows, num_cols = ctx.x_gemm.shape[0], ctx.w_rows.shape[0]
+    device, ws = grad_loss.device, spec.workspace
+    coef = grad_loss.float() / num_rows
+    grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
+    grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
+    grad_target = torch.zeros(num_rows, device=device)
+    dots = torch.zeros(num_cols, device=device) if spec.normalize_weight else None
+    if ctx.chunks.single:
+        chunk_buf, raw_buf = ctx.logits, getattr(ctx, "raw_logits", None)
+    else:
+        chunk_buf, lease_a = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
+        raw_buf = None
+        if spec.normalize_weight:
+            raw_buf, lease_b = ws.take("raw_logits", (ctx.chunks.size, num_cols), torch.float32, device)
+    for i, (a, b) in enumerate(ctx.chunks.ranges):
+        probs = chunk_buf[: b - a]
+        raw = None if raw_buf is None else raw_buf[: b - a]
+        if not ctx.chunks.single:
+            _logits(ctx, a, b, probs)
+            if raw is not None:
+                raw.copy_(probs)
+            probs.sub_(ctx.row_max[a:b].unsqueeze(1)).exp_()
+        probs.mul_((coef / ctx.row_sum[a:b]).unsqueeze(1))
+        if num_cols:
+            _subtract_onehot(ctx, a, b, probs, coef, grad_target)
+        if dots is not None and raw is not None:
+            dots += raw.mul_(probs).sum(dim=0)
+            probs.mul_(ctx.inv_norm)
+        grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
+        _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
+        _mm_into(grad_logits.t(), ctx.x_gemm[a:b], grad_w, accumulate=i > 0)
+    if num_rows == 0:
+        grad_w.zero_()
+    if dots is not None:
+        grad_w.addcmul_(ctx.w_rows, (dots * ctx.inv_norm * ctx.inv_norm).unsqueeze(1), value=-1.0)
+    grad_x_raw = None
+    if ctx.has_target_fn:
+        grad_x_raw = _target_backward(ctx, grad_target, grad_w)
+    ctx.logits = ctx.raw_logits = None
+    ctx.leases = []
+    spec.grad_sink(grad_w, grad_w_lease)
+    return grad_x_op, grad_x_raw
+
+
+def _subtract_onehot(
+    ctx: Any, a: int, b: int, probs: torch.Tensor, coef: torch.Tensor, grad_target: torch.Tensor
+) -> None:
+    """Turn coef*softmax into dL/dlogits at the owned targets, routing margin targets to grad_target."""
+    owned, col = _target_column(ctx.target_col[a:b])
+    at_target = probs.gather(1, col).squeeze(1)
+    if ctx.has_target_fn:
+        grad_target[a:b] = torch.where(owned, at_target - coef, torch.zeros_like(at_target))
+        probs.scatter_(1, col, torch.where(owned, torch.zeros_like(at_target), at_target).unsqueeze(1))
+    else:
+        probs.scatter_(1, col, torch.where(owned, at_target - coef, at_target).unsqueeze(1))
+
+
+def _target_backward(ctx: Any, grad_target: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
+    """Back-propagate the target logits' gradient; W-row parts are added into grad_w in place."""
+    target, x, w = _target_graph(ctx.spec.target_fn, ctx.x_raw, ctx.w_rows, ctx.target_col)
+    grad_x, grad_wt = torch.autograd.grad(target, (x, w), grad_target)
+    if ctx.w_rows.shape[0] > 0:
+        grad_w.index_add_(0, ctx.target_col.clamp_min(0), grad_wt)
+    return grad_x

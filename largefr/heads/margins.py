@@ -1,0 +1,222 @@
+"""The margin-softmax family as data: what to normalise, the scale, and the target-logit transform.
+
+Every margin produces logits of the form
+
+    non-target j:  a_i * b_j * cos(theta_ij)          (= x_i . W_j with the declared normalisations)
+    target y_i:    target_logit(x_i, W_y)              (the margin's own function, differentiable)
+
+where a_i = s (a fixed scale) when features are normalised, ||x_i|| otherwise, and b_j = 1 when W rows
+are normalised, ||W_j|| otherwise. The sharded head (partial_fc.py) only reads these declarations and
+calls ``target_logit``; it knows no margin by name. All functions here are pure tensor math.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Clamp for sqrt(1 - cos^2) and acos: keeps d/dcos finite when cos -> +-1 (theta -> 0 or pi).
+_COS_EPS = 1e-6
+
+
+def _cosine(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos(theta) between rows of x and w, with ||x|| and ||w|| (all [n])."""
+    x_norm = torch.linalg.vector_norm(x, dim=1)
+    w_norm = torch.linalg.vector_norm(w, dim=1)
+    cos = (x * w).sum(dim=1) / (x_norm * w_norm).clamp_min(1e-12)
+    return cos, x_norm, w_norm
+
+
+def _theta(cos: torch.Tensor) -> torch.Tensor:
+    return torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
+
+
+def multiplicative_angular_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
+    """psi(theta) = (-1)^k cos(m theta) - 2k for theta in [k pi/m, (k+1) pi/m] (L-Softmax, A-Softmax).
+
+    Monotonically decreasing on [0, pi] and equal to cos(m theta) on the first interval.
+    """
+    k = torch.floor(theta * (m / math.pi)).clamp(0, m - 1).detach()
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * torch.cos(m * theta) - 2.0 * k
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Base declaration. Subclasses set the normalisations and the target transform."""
+
+    normalize_features: bool = True
+    normalize_weight: bool = True
+    scale: float = 1.0  # used only when normalize_features is True
+
+    @property
+    def transforms_target(self) -> bool:
+        """False when the target logit is the plain non-target formula (the head then skips it)."""
+        return True
+
+    def target_logit(self, x: torch.Tensor, w: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Target logit of each row of raw embeddings x [n, D] against its raw class row w [n, D]."""
+        cos, x_norm, w_norm = _cosine(x, w)
+        return self.row_scale(x_norm, w_norm) * self.target_cosine(cos, step)
+
+    def row_scale(self, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
+        """a_i * b_y: the magnitude multiplying the target's (transformed) cosine."""
+        a = torch.full_like(x_norm, self.scale) if self.normalize_features else x_norm
+        return a if self.normalize_weight else a * w_norm
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        return cos
+
+    def __post_init__(self) -> None:
+        if self.normalize_features and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"{type(self).__name__}: scale must be a positive finite number, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class Softmax(Margin):
+    """Plain softmax: logits x . W_j (no normalisation, no margin)."""
+
+    normalize_features: bool = False
+    normalize_weight: bool = False
+
+    @property
+    def transforms_target(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class NormFace(Margin):
+    """NormFace: s * cos(theta_j) with x and W normalised, no margin."""
+
+    scale: float = 64.0
+
+    @property
+    def transforms_target(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class CosFace(Margin):
+    """CosFace / AM-Softmax: target s * (cos(theta_y) - m)."""
+
+    scale: float = 64.0
+    margin: float = 0.35
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        return cos - self.margin
+
+
+def combined_margin_cosine(
+    cos: torch.Tensor, m1: float, m2: float, m3: float, monotonic: bool = False
+) -> torch.Tensor:
+    """cos(m1 * theta + m2) - m3 with theta = acos(cos), optionally continued monotonically.
+
+    The gradient is the true derivative through theta (clamped at |cos| = 1 - 1e-6). When
+    m1 * theta + m2 > pi the function stops being monotonic: d/dtheta = -m1 sin(m1 theta + m2) turns
+    positive, so such (rare, badly misclassified) samples are pushed further from their class. With
+    ``monotonic`` the curve is continued past theta_max = (pi - m2) / m1 by the straight line
+    (cos - cos(theta_max)) - 1 - m3, which meets it at -1 - m3 and keeps decreasing in theta.
+    """
+    phi = torch.cos(m1 * _theta(cos) + m2) - m3
+    theta_max = (math.pi - m2) / m1
+    if not monotonic or theta_max >= math.pi:
+        return phi
+    cos_max = math.cos(theta_max)
+    return torch.where(cos > cos_max, phi, (cos - cos_max) - 1.0 - m3)
+
+
+@dataclass(frozen=True)
+class CombinedMargin(Margin):
+    """Combined margin: target s * (cos(m1 * theta_y + m2) - m3). See combined_margin_cosine."""
+
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    monotonic: bool = False
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        return combined_margin_cosine(cos, self.m1, self.m2, self.m3, self.monotonic)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.m1 <= 0:
+            raise ValueError(f"{type(self).__name__}: m1 must be > 0, got {self.m1}")
+
+
+@dataclass(frozen=True)
+class ArcFace(Margin):
+    """ArcFace: target s * cos(theta_y + m), additive angular margin. See combined_margin_cosine."""
+
+    scale: float = 64.0
+    margin: float = 0.5
+    monotonic: bool = False
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        return combined_margin_cosine(cos, 1.0, self.margin, 0.0, self.monotonic)
+
+
+@dataclass(frozen=True)
+class LSoftmax(Margin):
+    """L-Softmax: target ||W_y|| ||x|| psi(theta_y), others x . W_j (no normalisation)."""
+
+    normalize_features: bool = False
+    normalize_weight: bool = False
+    margin: int = 2
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        return multiplicative_angular_psi(_theta(cos), self.margin)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.margin, int) and self.margin >= 1):
+            raise ValueError(f"{type(self).__name__}: margin must be an integer >= 1, got {self.margin!r}")
+
+
+@dataclass(frozen=True)
+class SphereFace(LSoftmax):
+    """A-Softmax: W normalised, scale ||x||, target ||x|| psi(theta_y).
+
+    Optional annealing blends in the plain cosine: f = (lambda cos + psi) / (1 + lambda), with
+    lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power). Off by default (lambda_base = 0).
+    """
+
+    normalize_weight: bool = True
+    margin: int = 4
+    lambda_base: float = 0.0
+    lambda_min: float = 0.0
+    gamma: float = 0.12
+    power: float = 1.0
+
+    def annealing_lambda(self, step: int) -> float:
+        if self.lambda_base <= 0:
+            return 0.0
+        return max(self.lambda_min, self.lambda_base * (1.0 + self.gamma * step) ** (-self.power))
+
+    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
+        psi = super().target_cosine(cos, step)
+        lam = self.annealing_lambda(step)
+        return psi if lam == 0.0 else (lam * cos + psi) / (1.0 + lam)
+
+
+MARGINS: dict[str, type[Margin]] = {
+    "softmax": Softmax,
+    "normface": NormFace,
+    "lsoftmax": LSoftmax,
+    "sphereface": SphereFace,
+    "cosface": CosFace,
+    "arcface": ArcFace,
+    "combined": CombinedMargin,
+}
+
+
+def build_margin(name: str, **params: float) -> Margin:
+    """Margin by registry name (``arcface``, ``cosface``, ...) with its parameters."""
+    key = name.lower()
+    if key not in MARGINS:
+        raise ValueError(f"unknown margin {name!r}; expected one of {sorted(MARGINS)}")
+    try:
+        return MARGINS[key](**params)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters {params} for margin {name!r}: {exc}") from exc

@@ -1,0 +1,235 @@
+"""Partial FC: the class-weight matrix sharded over ranks, with optional sampling of class centres.
+
+Step (see shared DESIGN): all-gather embeddings (autograd; backward reduce-scatter) and labels; choose
+this rank's class rows (all, or positives + uniform negatives); logits of the global batch against them;
+the margin on targets this rank owns; softmax cross-entropy with all-reduces of max and sum
+(largefr.distributed.margin_softmax). The W gradient is row-sparse: it is recorded per step as
+(row ids, rows) and consumed by the head's own optimizers (largefr.heads.row_optim).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largefr.distributed import (
+    ShardedMarginSoftmaxCE,
+    ShardedSoftmaxSpec,
+    all_gather_rows,
+    gather_rows_with_grad,
+    group_rank,
+    group_size,
+)
+from largefr.heads.margins import Margin
+from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
+from largefr.heads.workspace import Lease, Workspace
+
+
+@dataclass
+class RowGrad:
+    """Gradient of the loss for some rows of this rank's W slice.
+
+    ids: local row indices (sorted), or None for every row; grad: [len(ids) or slice rows, D] fp32;
+    rows: the W rows at ids as they were in the forward (so the optimizer needs no second gather), or None.
+    """
+
+    ids: torch.Tensor | None
+    grad: torch.Tensor
+    rows: torch.Tensor | None
+    leases: tuple[Lease, ...] = ()
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin-softmax head. ``loss = head(embeddings [B, D], labels [B])``.
+
+    Args:
+        margin: a largefr.margins object (normalisations, scale, target transform).
+        embedding_size: D.
+        num_classes: C, split over the ranks of ``process_group`` (uneven sizes allowed).
+        sample_rate: fraction r of this rank's classes used per step (positives always kept).
+            1 uses every class; 0 uses only the positives of the global batch.
+        process_group: the group W is sharded over and the batch is gathered over; None when the job
+            is not distributed.
+        seed: seeds W's initial value (identical global matrix for any world size) and the sampling.
+        chunk_rows: if set, at most this many batch rows of logits are held at once (the logits are
+            recomputed in backward; results are the same).
+        validate: check label range and finiteness of embeddings each step (one host sync); shape and
+            dtype checks always run.
+    """
+
+    def __init__(
+        self,
+        margin: Margin,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        process_group: ProcessGroup | None = None,
+        seed: int = 0,
+        chunk_rows: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_args(margin, embedding_size, num_classes, sample_rate, chunk_rows)
+        self.margin, self.embedding_size, self.num_classes = margin, embedding_size, num_classes
+        self.sample_rate, self.process_group, self.seed = float(sample_rate), process_group, seed
+        self.chunk_rows, self.validate = chunk_rows, validate
+        self.rank, self.world_size = group_rank(process_group), group_size(process_group)
+        start, stop = shard_range(num_classes, self.world_size, self.rank)
+        self.class_range: tuple[int, int] = (start, stop)
+        self.weight = nn.Parameter(init_weight_rows(start, stop, embedding_size, seed), requires_grad=False)
+        # a 0-size leaf that makes the loss require grad, so backward runs even for frozen embeddings
+        self.grad_anchor = nn.Parameter(torch.zeros(0))
+        self.step = 0
+        self.sampled_class_ids: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._pending: list[RowGrad] = []
+        self._workspace = Workspace()
+
+    @property
+    def num_local_classes(self) -> int:
+        return self.class_range[1] - self.class_range[0]
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(embeddings, labels)
+        labels = labels.long()
+        x_all = gather_rows_with_grad(embeddings.float(), self.process_group)
+        labels_all = all_gather_rows(labels, self.process_group)
+        if self.validate:
+            _check_values(x_all, labels_all, self.num_classes)
+        start, stop = self.class_range
+        owned = (labels_all >= start) & (labels_all < stop)
+        ids, cols, w_rows, leases = self._select_rows(labels_all - start, owned)
+        x_op = x_all
+        if self.margin.normalize_features:
+            x_op = x_all * (self.margin.scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
+        target_fn = None
+        if self.margin.transforms_target:
+            target_fn = functools.partial(self.margin.target_logit, step=self.step)
+        sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
+        spec = ShardedSoftmaxSpec(
+            self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
+            self.chunk_rows, self._workspace, sink,
+        )
+        loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
+        if self.training:
+            self.step += 1
+        return loss
+
+    def _select_rows(
+        self, local_labels: torch.Tensor, owned: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple[Lease, ...]]:
+        """(local ids or None for all, label columns, W rows [K, D], leases of pooled buffers)."""
+        start = self.class_range[0]
+        weight = self.weight.detach()
+        if self.sample_rate >= 1.0:
+            self.sampled_class_ids = torch.arange(start, self.class_range[1], device=weight.device)
+            return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, ()
+        ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, self._rng(weight.device))
+        rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
+        torch.index_select(weight, 0, ids, out=rows)
+        self.sampled_class_ids = ids + start
+        return ids, cols, rows, (lease,)
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.rank)
+        return self._generator
+
+    def _record_grad(
+        self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
+        grad: torch.Tensor, grad_lease: Lease,
+    ) -> None:
+        self._pending.append(RowGrad(ids, grad, rows, (*leases, grad_lease)))
+
+    def row_grad(self) -> RowGrad | None:
+        """The W gradient accumulated since the last zero_grad, merged over backward passes."""
+        if len(self._pending) > 1:
+            self._pending = [_merge_row_grads(self._pending, self.num_local_classes)]
+        return self._pending[0] if self._pending else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending = []
+
+    def optimizer(self, name: str, **hyper: Any) -> "torch.optim.Optimizer":
+        """Row-sparse optimizer for W: ``"sgd"`` (lr, momentum, weight_decay, nesterov) or ``"adamw"``."""
+        from largefr.heads.row_optim import build_row_optimizer
+
+        return build_row_optimizer(self, name, **hyper)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        rng = None if self._generator is None else self._generator.get_state()
+        return {"step": self.step, "class_range": self.class_range, "num_classes": self.num_classes, "rng": rng}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if tuple(state["class_range"]) != self.class_range or state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"checkpoint slice {tuple(state['class_range'])} of {state['num_classes']} classes does not match "
+                f"this head's {self.class_range} of {self.num_classes}"
+            )
+        self.step = int(state["step"])
+        if state.get("rng") is not None:
+            self._rng(self.weight.device).set_state(state["rng"])
+
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {list(embeddings.shape)}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels must be [B={embeddings.shape[0]}], got {list(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be int64 (or int32) class ids, got {labels.dtype}")
+        if embeddings.device != self.weight.device or labels.device != self.weight.device:
+            raise ValueError(
+                f"embeddings ({embeddings.device}) and labels ({labels.device}) must be on the head's "
+                f"device {self.weight.device}"
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"class_range={self.class_range}, sample_rate={self.sample_rate}, world_size={self.world_size}"
+        )
+
+
+def _check_args(margin: Margin, embedding_size: int, num_classes: int, sample_rate: float, chunk_rows: int | None) -> None:
+    if not isinstance(margin, Margin):
+        raise TypeError(f"margin must be a largefr margin object (e.g. margins.ArcFace()), got {margin!r}")
+    if not (isinstance(embedding_size, int) and embedding_size > 0):
+        raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+    if not (isinstance(num_classes, int) and num_classes > 0):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not 0.0 <= float(sample_rate) <= 1.0:
+        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate!r}")
+    if chunk_rows is not None and not (isinstance(chunk_rows, int) and chunk_rows > 0):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+
+
+def _check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Range and finiteness checks on the gathered batch (same verdict on every rank; one host sync)."""
+    low, high = torch.aminmax(labels)
+    finite = torch.isfinite(embeddings).all()
+    low, high, finite = int(low), int(high), bool(finite)
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"label {bad} is outside [0, num_classes={num_classes})")
+    if not finite:
+        raise ValueError("embeddings contain NaN or Inf")
+
+
+def _merge_row_grads(grads: list[RowGrad], num_rows: int) -> RowGrad:
+    """Sum several backward passes' row gradients (gradient accumulation) into one record."""
+    if all(g.ids is None for g in grads):
+        total = grads[0].grad.clone()
+        for g in grads[1:]:
+            total.add_(g.grad)
+        return RowGrad(None, total, None)
+    ids = torch.cat([g.ids if g.ids is not None else torch.arange(num_rows, device=g.grad.device) for g in grads])
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    total = grads[0].grad.new_zeros(unique_ids.numel(), grads[0].grad.shape[1])
+    total.index_add_(0, inverse, torch.cat([g.grad for g in grads]))
+    return RowGrad(unique_ids, total, None)

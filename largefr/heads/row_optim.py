@@ -1,0 +1,151 @@
+"""Row-sparse optimizers for the head's W slice: cost follows the rows sampled in the step.
+
+Each step reads the head's row gradient (ids, rows) and updates only those rows of W and of the
+optimizer state, using torch's fused single-pass kernels on the gathered rows. State is one
+slice-sized tensor per state variable (momentum; or exp_avg and exp_avg_sq), allocated zeroed once.
+
+Difference from a dense optimizer over the whole slice ("lazy" semantics, as SparseAdam/LazyAdam):
+rows not sampled in a step are left untouched: no momentum decay, no weight decay, no update from
+their stale momentum. For SGD with r = 1 this is exactly torch.optim.SGD. AdamW uses one global
+step count for the bias correction of every row (like torch.optim.SparseAdam), so a row first
+sampled at step t is corrected as if it had been seen since step 1.
+
+Both are torch.optim.Optimizer subclasses over [head.weight], so LR schedulers, ``state_dict()`` and
+``load_state_dict()`` work as usual; ``zero_grad()`` clears the head's row-gradient record.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.sgd import sgd
+
+from largefr.heads.partial_fc import PartialFC, RowGrad
+
+
+def _fused_ok(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda")
+
+
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, head: PartialFC, defaults: dict[str, Any]) -> None:
+        if not isinstance(head, PartialFC):
+            raise TypeError(f"a row-sparse optimizer needs a PartialFC head, got {type(head).__name__}")
+        self.head = head
+        super().__init__([head.weight], defaults)
+        weight = head.weight
+        self.state[weight] = {name: torch.zeros_like(weight) for name in self._active_state_names()}
+
+    def _active_state_names(self) -> tuple[str, ...]:
+        return self.state_names
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.head.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        row_grad = self.head.row_grad()
+        if row_grad is not None:
+            self._apply(row_grad)
+            self.head.zero_grad()
+        return loss
+
+    def _apply(self, row_grad: RowGrad) -> None:
+        weight = self.head.weight.detach()
+        state = self.state[self.head.weight]
+        buffers = [state[name] for name in self._active_state_names()]
+        if row_grad.ids is None:
+            self._update(weight, row_grad.grad, buffers)
+            return
+        ids, workspace = row_grad.ids, self.head._workspace
+        rows = row_grad.rows if row_grad.rows is not None else weight.index_select(0, ids)
+        leases, gathered = [], []
+        for name, full in zip(self._active_state_names(), buffers):
+            out, lease = workspace.take(f"optim_{name}", (ids.numel(), full.shape[1]), full.dtype, full.device)
+            torch.index_select(full, 0, ids, out=out)
+            gathered.append(out)
+            leases.append(lease)
+        self._update(rows, row_grad.grad, gathered)
+        weight.index_copy_(0, ids, rows)
+        for full, rows_state in zip(buffers, gathered):
+            full.index_copy_(0, ids, rows_state)
+
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
+        raise TypeError(f"{type(self).__name__} must define _update")
+
+
+class RowSparseSGD(_RowSparseOptimizer):
+    """SGD with momentum (torch convention: buf = mu*buf + g + wd*w; w -= lr*buf) on sampled rows."""
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(
+        self, head: PartialFC, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+    ) -> None:
+        _check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if nesterov and momentum <= 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+
+    def _active_state_names(self) -> tuple[str, ...]:
+        return self.state_names if self.defaults["momentum"] > 0 else ()
+
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
+        group = self.param_groups[0]
+        sgd(
+            [rows], [grad], [state_rows[0] if state_rows else None],
+            fused=_fused_ok(rows.device) and bool(state_rows), foreach=False if not state_rows else None,
+            weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+            dampening=0.0, nesterov=group["nesterov"], maximize=False,
+        )
+
+
+class RowSparseAdamW(_RowSparseOptimizer):
+    """AdamW (decoupled weight decay) on sampled rows, global bias-correction step."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self, head: PartialFC, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01,
+    ) -> None:
+        _check_hyper(lr=lr, weight_decay=weight_decay, eps=eps, beta1=betas[0], beta2=betas[1])
+        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.state[head.weight]["step"] = torch.zeros((), dtype=torch.float32, device=head.weight.device)
+
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
+        group = self.param_groups[0]
+        step = self.state[self.head.weight]["step"]
+        adamw(
+            [rows], [grad], [state_rows[0]], [state_rows[1]], [], [step],
+            fused=_fused_ok(rows.device), amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+
+def _check_hyper(**values: float) -> None:
+    for name, value in values.items():
+        limit_one = name in ("momentum", "beta1", "beta2")
+        if not (value >= 0 and (value < 1 or not limit_one)):
+            expected = "in [0, 1)" if limit_one else ">= 0"
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+OPTIMIZERS: dict[str, type[_RowSparseOptimizer]] = {"sgd": RowSparseSGD, "adamw": RowSparseAdamW}
+
+
+def build_row_optimizer(head: PartialFC, name: str, **hyper: Any) -> _RowSparseOptimizer:
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown head optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
+    try:
+        return OPTIMIZERS[key](head, **hyper)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments {hyper} for head optimizer {name!r}: {exc}") from exc
