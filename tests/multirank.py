@@ -7,6 +7,7 @@ per-rank results in rank order. A rank that raises or hangs fails the call with 
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -29,7 +30,10 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable[..., Any],
             result = fn(ctx, *args)
         finally:
             shutdown()
-        out.put((rank, True, result))
+        # tensors travel as bytes: a queue would share their memory, which dies with this process
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        out.put((rank, True, buffer.getvalue()))
     except BaseException:  # report every failure, including assertion errors, to the parent
         out.put((rank, False, traceback.format_exc()))
 
@@ -58,7 +62,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
                     raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout_s}s")
                 if not ok:
                     raise AssertionError(f"rank {rank} of {world_size} failed:\n{payload}")
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         finally:
             for p in procs:
                 p.join(timeout=5)

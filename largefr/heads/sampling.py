@@ -8,7 +8,7 @@ import torch
 
 # W is initialised in blocks of this many global rows, each from its own seeded stream, so a rank
 # generates only the blocks that overlap its slice and the global matrix never depends on world size.
-INIT_BLOCK_ROWS = 1 << 16
+INIT_BLOCK_ROWS = 4096
 INIT_STD = 0.01
 
 
@@ -32,8 +32,9 @@ def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> t
         lo, hi = max(start, block_start), min(stop, block_start + INIT_BLOCK_ROWS)
         entropy = np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0]
         gen = torch.Generator().manual_seed(int(entropy) & ((1 << 63) - 1))
-        rows = torch.empty(hi - block_start, embedding_size).normal_(0.0, INIT_STD, generator=gen)
-        out[lo - start : hi - start] = rows[lo - block_start :]
+        # always the whole block: a stream's first values depend on how many are drawn at once
+        rows = torch.empty(INIT_BLOCK_ROWS, embedding_size).normal_(0.0, INIT_STD, generator=gen)
+        out[lo - start : hi - start] = rows[lo - block_start : hi - block_start]
     return out
 
 

@@ -1,0 +1,135 @@
+"""Flip-test embedding, checkpoint loading and the `largefr eval` command end to end on tiny inputs."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from largefr.cli import main
+from largefr.eval.bin_io import load_bin, write_bin
+from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
+from largefr.eval.embed import decode_image, embed_images, encode_image, normalize_batch
+from largefr.eval.verification import verify_interleaved
+from largefr.models import build_backbone
+
+META = CheckpointMeta("iresnet18", 32, 112, {"base_width": 8})
+
+
+def _tiny_backbone(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_backbone(META.backbone, META.embedding_size, **META.backbone_kwargs)
+    for m in model.modules():  # trained-looking BatchNorm: affine random, statistics measured on data
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 112, 112))
+    return model.eval()
+
+
+def _image(seed: int) -> np.ndarray:
+    blocks = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.kron(blocks, np.ones((14, 14, 1), dtype=np.uint8))  # 112 x 112, not mirror-symmetric
+
+
+def _write_set(path: Path, pairs: int, seed: int) -> None:
+    images, issame = [], []
+    for i in range(pairs):
+        a, same = _image(seed + i), i % 2 == 0
+        b = a if same else _image(seed + 1000 + i)
+        images += [encode_image(a, "PNG"), encode_image(b, "JPEG")]
+        issame.append(same)
+    write_bin(path, images, issame)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_backbone_checkpoint(tmp_path_factory.mktemp("ckpt"), _tiny_backbone(), META)
+
+
+def test_flip_test_embedding_is_image_plus_mirror(checkpoint: Path) -> None:
+    model = load_backbone_from_checkpoint(checkpoint, "cpu")
+    arrays = [_image(s) for s in range(7)]
+    encoded = [encode_image(a, "PNG") for a in arrays]
+    x = normalize_batch(torch.from_numpy(np.stack(arrays)))
+    assert x.shape == (7, 3, 112, 112) and x.min() >= -1.0 and x.max() <= 1.0
+    assert torch.allclose(x[0, :, 0, 0], torch.from_numpy(arrays[0][0, 0] / 127.5 - 1.0).float())
+    with torch.inference_mode():
+        expected = (model(x) + model(x.flip(3))).numpy()
+        plain = model(x).numpy()
+    got = embed_images(model, encoded, batch_size=3, workers=3)  # 3 batches, last one partial
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embed_images(model, encoded, batch_size=7, workers=1, flip=False), plain, rtol=1e-4, atol=1e-4)
+    mirrored = embed_images(model, [encode_image(np.ascontiguousarray(a[:, ::-1]), "PNG") for a in arrays], workers=2)
+    np.testing.assert_allclose(mirrored, got, rtol=1e-4, atol=1e-4)  # flip test is mirror invariant
+    assert not np.allclose(plain, expected - plain, atol=1e-3)  # ... and the mirror really differs
+
+
+def test_decode_resizes_and_reports_bad_bytes() -> None:
+    small = encode_image(np.zeros((56, 56, 3), np.uint8), "PNG")
+    assert decode_image(small, 112).shape == (112, 112, 3)
+    with pytest.raises(ValueError, match=r"image 1: cannot decode 5 bytes"):
+        embed_images(torch.nn.Identity(), [small, b"junk!"], image_size=112, workers=2)
+
+
+def test_checkpoint_loader_uses_registry_and_checks_fit(checkpoint: Path, tmp_path: Path) -> None:
+    model = load_backbone_from_checkpoint(checkpoint, "cpu")
+    x = torch.randn(2, 3, 112, 112)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), _tiny_backbone()(x), atol=1e-6)
+    assert not model.training
+    wrong = tmp_path / "wrong"
+    save_backbone_checkpoint(wrong, _tiny_backbone(), CheckpointMeta("iresnet18", 64, 112, {"base_width": 8}))
+    (wrong / "backbone.pt").write_bytes((checkpoint / "backbone.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"does not fit backbone 'iresnet18'"):
+        load_backbone_from_checkpoint(wrong, "cpu")
+    (wrong / "meta.json").write_text(json.dumps({"backbone": "iresnet18", "embedding_size": 32}))
+    with pytest.raises(ValueError, match=r"missing keys \['image_size'\]"):
+        load_backbone_from_checkpoint(wrong, "cpu")
+    (wrong / "meta.json").write_text(json.dumps({"backbone": "iresnet18", "embedding_size": "32", "image_size": 112}))
+    with pytest.raises(ValueError, match=r"'embedding_size' must be a positive int, got '32'"):
+        load_backbone_from_checkpoint(wrong, "cpu")
+
+
+def test_eval_cli_end_to_end(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bins = [tmp_path / "lfw.bin", tmp_path / "agedb_30.bin"]
+    _write_set(bins[0], 10, seed=0)
+    _write_set(bins[1], 12, seed=50)
+    out = tmp_path / "out"
+    rc = main(["eval", "--checkpoint", str(checkpoint), "--bins", *map(str, bins), "--out-dir", str(out),
+               "--batch-size", "8", "--workers", "2", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    print(text)
+    results = json.loads((out / "results.json").read_text())
+    model = load_backbone_from_checkpoint(checkpoint, "cpu")
+    for b in bins:
+        vb = load_bin(b)
+        ref = verify_interleaved(embed_images(model, vb.images, workers=1), vb.issame)
+        got = results[vb.name]
+        assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"]) and got["auc"] == pytest.approx(ref["auc"])
+        assert got["accuracy_mean"] == 1.0  # genuine pairs are the same face re-encoded; impostors differ
+        assert set(got["tar_at_far"]) == {"0.001", "0.0001"}
+        from PIL import Image
+
+        with Image.open(out / f"roc_{vb.name}.png") as png:
+            assert png.format == "PNG" and png.size[0] > 100
+        assert any(line.startswith(vb.name) and "100.00 ± 0.00" in line for line in text.splitlines())
+
+
+def test_eval_cli_bad_input_is_a_clear_error(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(pickle.dumps(([b"a", b"b"], [print]), protocol=4))
+    args = ["eval", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path), "--device", "cpu", "--bins"]
+    assert main(args + [str(evil)]) == 2
+    assert "refusing global builtins.print" in capsys.readouterr().err
+    assert main(args + [str(tmp_path / "missing.bin")]) == 2
+    assert "missing.bin" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--bins", str(evil)]) == 2
+    assert "meta.json" in capsys.readouterr().err
