@@ -1,0 +1,122 @@
+"""``largefr eval``: 10-fold verification of a checkpoint on insightface .bin sets, with flip test."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from largefr.eval.verification import DEFAULT_FARS
+
+
+@dataclass(frozen=True)
+class SetResult:
+    name: str
+    metrics: dict[str, Any]
+    images_per_s: float
+    roc_png: Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="directory with backbone.pt and meta.json")
+    parser.add_argument("--bins", required=True, nargs="+", type=Path, help="verification .bin files (lfw.bin ...)")
+    parser.add_argument("--out-dir", type=Path, default=Path("eval_out"), help="where roc_<set>.png and results.json go")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward (doubled by the flip test)")
+    parser.add_argument("--workers", type=int, default=4, help="JPEG decoding threads")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU) or a torch device")
+    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds")
+    parser.add_argument("--no-flip", action="store_true", help="embed images only, without their mirror")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        from largefr.distributed.env import choose_backend_and_device
+
+        return choose_backend_and_device(0)[1]
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; expected 'auto', 'cpu', 'cuda:0', ...") from None
+
+
+def evaluate_bin(
+    model: torch.nn.Module, bin_path: Path, image_size: int, args: argparse.Namespace, device: torch.device
+) -> SetResult:
+    from largefr.eval.bin_io import load_bin
+    from largefr.eval.embed import embed_images
+    from largefr.eval.plots import plot_roc
+    from largefr.eval.verification import verify_interleaved
+
+    vb = load_bin(bin_path)
+    start = time.perf_counter()
+    emb = embed_images(
+        model, vb.images, image_size, args.batch_size, args.workers, device, flip=not args.no_flip
+    )
+    rate = len(vb.images) / (time.perf_counter() - start)
+    metrics = verify_interleaved(emb, vb.issame, folds=args.folds)
+    png = plot_roc({vb.name: (metrics["fpr"], metrics["tpr"])}, args.out_dir / f"roc_{vb.name}.png", f"ROC {vb.name}")
+    return SetResult(vb.name, metrics, rate, png)
+
+
+def format_table(results: list[SetResult]) -> str:
+    header = ["set", "pairs", "accuracy (%)", "threshold"] + [f"TAR@FAR={f:g}" for f in DEFAULT_FARS] + ["AUC", "img/s"]
+    rows = [header]
+    for r in results:
+        m = r.metrics
+        rows.append(
+            [r.name, str(m["num_pairs"]), f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}",
+             f"{m['threshold']:.4f}"]
+            + [f"{m['tar_at_far'][f]:.4f}" for f in DEFAULT_FARS]
+            + [f"{m['auc']:.4f}", f"{r.images_per_s:.0f}"]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _summary(r: SetResult) -> dict[str, Any]:
+    m = r.metrics
+    return {
+        "accuracy_mean": m["accuracy_mean"],
+        "accuracy_std": m["accuracy_std"],
+        "threshold": m["threshold"],
+        "tar_at_far": {f"{k:g}": v for k, v in m["tar_at_far"].items()},
+        "auc": m["auc"],
+        "num_pairs": m["num_pairs"],
+        "images_per_s": r.images_per_s,
+        "roc_png": str(r.roc_png),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the value
+        print(f"largefr eval: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from largefr.eval.checkpoint import load_backbone_from_checkpoint, read_checkpoint_meta
+
+    missing = [str(p) for p in args.bins if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f".bin files not found: {missing}")
+    device = _device(args.device)
+    meta = read_checkpoint_meta(args.checkpoint)
+    model = load_backbone_from_checkpoint(args.checkpoint, device)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = [evaluate_bin(model, Path(b), meta.image_size, args, device) for b in args.bins]
+    print(f"checkpoint {args.checkpoint} ({meta.backbone}, {meta.embedding_size}-d), device {device}, "
+          f"flip test {'off' if args.no_flip else 'on'}, {args.folds} folds")
+    print(format_table(results))
+    summary = {r.name: _summary(r) for r in results}
+    (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"ROC curves and results.json written to {args.out_dir}")
+    return 0
