@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from largefr import PartialFC, margins
+from largefr.heads import row_optim
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from reference import reference_loss_and_grads
 
@@ -140,12 +141,16 @@ def _one_step_against_dense(name: str, hyper: dict, dense_cls: type, dense_hyper
     assert head.row_grad() is None  # consumed by the step
 
 
-def test_sgd_row_update_equals_dense_sgd_on_sampled_rows() -> None:
+@pytest.mark.parametrize("block_rows", [2048, 4])
+def test_sgd_row_update_equals_dense_sgd_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
     _one_step_against_dense("sgd", hyper, torch.optim.SGD, hyper)
 
 
-def test_adamw_row_update_equals_dense_adamw_on_sampled_rows() -> None:
+@pytest.mark.parametrize("block_rows", [2048, 4])
+def test_adamw_row_update_equals_dense_adamw_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     hyper = dict(lr=1e-2, weight_decay=0.05)
     _one_step_against_dense("adamw", hyper, torch.optim.AdamW, hyper)
 

@@ -34,7 +34,7 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
     if world == 1:
         return tensor
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    dist.all_gather_single(out, tensor.contiguous(), group=group)
     return out
 
 
@@ -46,7 +46,7 @@ def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> tor
     if tensor.shape[0] % world:
         raise ValueError(f"reduce_scatter_rows needs rows divisible by world={world}, got {tensor.shape[0]}")
     out = tensor.new_empty((tensor.shape[0] // world, *tensor.shape[1:]))
-    dist.reduce_scatter_tensor(out, tensor.contiguous(), op=ReduceOp.SUM, group=group)
+    dist.reduce_scatter_single(out, tensor.contiguous(), op=ReduceOp.SUM, group=group)
     return out
 
 

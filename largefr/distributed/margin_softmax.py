@@ -168,10 +168,6 @@ def _forward(
     loss_sum = torch.zeros((), device=device)
     for a, b in chunks.ranges:
         buf = _logits(ctx, a, b, logits[: b - a])
-        if chunks.single and spec.normalize_weight:
-            ctx.raw_logits, lease = ws.take("raw_logits", tuple(buf.shape), torch.float32, device)
-            ctx.raw_logits.copy_(buf)
-            ctx.leases.append(lease)
         owned, col = _target_column(target_col[a:b])
         target = buf.gather(1, col).squeeze(1) if num_cols else torch.zeros(b - a, device=device)
         loss_sum += _softmax_stats(buf, owned, target, spec.group, row_max[a:b], row_sum[a:b])
@@ -211,42 +207,45 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
     grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
     grad_target = torch.zeros(num_rows, device=device)
-    dots = torch.zeros(num_cols, device=device) if spec.normalize_weight else None
     if ctx.chunks.single:
-        chunk_buf, raw_buf = ctx.logits, getattr(ctx, "raw_logits", None)
+        chunk_buf = ctx.logits
     else:
-        chunk_buf, lease_a = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
-        raw_buf = None
-        if spec.normalize_weight:
-            raw_buf, lease_b = ws.take("raw_logits", (ctx.chunks.size, num_cols), torch.float32, device)
+        chunk_buf, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
     for i, (a, b) in enumerate(ctx.chunks.ranges):
         probs = chunk_buf[: b - a]
-        raw = None if raw_buf is None else raw_buf[: b - a]
         if not ctx.chunks.single:
             _logits(ctx, a, b, probs)
-            if raw is not None:
-                raw.copy_(probs)
             probs.sub_(ctx.row_max[a:b].unsqueeze(1)).exp_()
         probs.mul_((coef / ctx.row_sum[a:b]).unsqueeze(1))
         if num_cols:
             _subtract_onehot(ctx, a, b, probs, coef, grad_target)
-        if dots is not None and raw is not None:
-            dots += raw.mul_(probs).sum(dim=0)
+        if ctx.inv_norm is not None:
             probs.mul_(ctx.inv_norm)
         grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
         _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
         _mm_into(grad_logits.t(), ctx.x_gemm[a:b], grad_w, accumulate=i > 0)
     if num_rows == 0:
         grad_w.zero_()
-    if dots is not None:
-        grad_w.addcmul_(ctx.w_rows, (dots * ctx.inv_norm * ctx.inv_norm).unsqueeze(1), value=-1.0)
+    if ctx.inv_norm is not None:
+        _project_out_rows(grad_w, ctx.w_rows, ctx.inv_norm)
     grad_x_raw = None
     if ctx.has_target_fn:
         grad_x_raw = _target_backward(ctx, grad_target, grad_w)
-    ctx.logits = ctx.raw_logits = None
+    ctx.logits = None
     ctx.leases = []
     spec.grad_sink(grad_w, grad_w_lease)
     return grad_x_op, grad_x_raw
+
+
+def _project_out_rows(grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor, block: int = 2048) -> None:
+    """grad_w_j -= w_j (grad_w_j . w_j) / ||w_j||^2, in row blocks that stay in cache.
+
+    On entry grad_w_j = u_j = sum_i G_ij x_i / ||w_j||, so (u_j . w_j) = sum_i G_ij l_ij = d_j.
+    """
+    for a in range(0, grad_w.shape[0], block):
+        g, w = grad_w[a : a + block], w_rows[a : a + block]
+        dots = (g * w).sum(dim=1)
+        g.addcmul_(w, (dots * inv_norm[a : a + block].square()).unsqueeze(1), value=-1.0)
 
 
 def _subtract_onehot(

@@ -24,6 +24,9 @@ from torch.optim.sgd import sgd
 from largefr.heads.partial_fc import PartialFC, RowGrad
 
 
+UPDATE_BLOCK_ROWS = 2048
+
+
 def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
@@ -64,18 +67,18 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if row_grad.ids is None:
             self._update(weight, row_grad.grad, buffers)
             return
-        ids, workspace = row_grad.ids, self.head._workspace
+        ids = row_grad.ids
         rows = row_grad.rows if row_grad.rows is not None else weight.index_select(0, ids)
-        leases, gathered = [], []
-        for name, full in zip(self._active_state_names(), buffers):
-            out, lease = workspace.take(f"optim_{name}", (ids.numel(), full.shape[1]), full.dtype, full.device)
-            torch.index_select(full, 0, ids, out=out)
-            gathered.append(out)
-            leases.append(lease)
-        self._update(rows, row_grad.grad, gathered)
-        weight.index_copy_(0, ids, rows)
-        for full, rows_state in zip(buffers, gathered):
-            full.index_copy_(0, ids, rows_state)
+        # Row blocks: the gathered optimizer state of one block stays in cache, and no [K, D]
+        # temporary is allocated per state variable.
+        for a in range(0, ids.numel(), UPDATE_BLOCK_ROWS):
+            block_ids = ids[a : a + UPDATE_BLOCK_ROWS]
+            block_rows = rows[a : a + UPDATE_BLOCK_ROWS]
+            gathered = [full.index_select(0, block_ids) for full in buffers]
+            self._update(block_rows, row_grad.grad[a : a + UPDATE_BLOCK_ROWS], gathered)
+            weight.index_copy_(0, block_ids, block_rows)
+            for full, block_state in zip(buffers, gathered):
+                full.index_copy_(0, block_ids, block_state)
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} must define _update")
@@ -120,9 +123,15 @@ class RowSparseAdamW(_RowSparseOptimizer):
         super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state[head.weight]["step"] = torch.zeros((), dtype=torch.float32, device=head.weight.device)
 
+    def _apply(self, row_grad: RowGrad) -> None:
+        step = self.state[self.head.weight]["step"]
+        self._step_before = step.clone()
+        super()._apply(row_grad)
+        step.add_(1)
+
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         group = self.param_groups[0]
-        step = self.state[self.head.weight]["step"]
+        step = self._step_before.clone()  # the fused kernel increments the copy it is given; once per block
         adamw(
             [rows], [grad], [state_rows[0]], [state_rows[1]], [], [step],
             fused=_fused_ok(rows.device), amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],

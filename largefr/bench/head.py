@@ -1,0 +1,166 @@
+"""Partial FC step time against its matrix-multiply floor, and peak memory against the slice's bytes.
+
+Spawns N local ranks. Each rank runs the head step (forward + backward + row-sparse SGD step) on random
+embeddings and uniform labels, then, in the same process and run, times the three GEMMs of that step
+for the same shapes (logits [N,D]x[D,K], embedding grads [N,K]x[K,D], weight grads [K,N]x[N,D]).
+Ratios, not absolute times, are the result: step / floor and peak RSS / (W slice + optimizer state).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from largefr.distributed import DistContext
+from largefr.distributed.spawn import run_local_ranks
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class HeadBenchConfig:
+    num_classes: int
+    embedding_size: int
+    batch_size: int
+    sample_rate: float
+    world_size: int
+    dtype: str = "fp32"
+    optimizer: str = "sgd"
+    warmup: int = 3
+    steps: int = 10
+    chunk_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class RankResult:
+    step_s: float
+    floor_s: float
+    peak_rss_bytes: int
+    weight_bytes: int
+    state_bytes: int
+    sampled_rows: int
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _gemm_floor(rows: int, cols: int, dim: int, dtype: torch.dtype | None, repeats: int) -> float:
+    """Median time of the step's three GEMMs with preallocated outputs, in the head's GEMM dtype."""
+    dt = dtype or torch.float32
+    x, w = torch.randn(rows, dim, dtype=dt), torch.randn(cols, dim, dtype=dt)
+    g = torch.randn(rows, cols, dtype=dt)
+    logits, grad_x, grad_w = torch.empty(rows, cols, dtype=dt), torch.empty(rows, dim, dtype=dt), torch.empty(cols, dim, dtype=dt)
+
+    def three() -> None:
+        torch.mm(x, w.t(), out=logits)
+        torch.mm(g, w, out=grad_x)
+        torch.mm(g.t(), x, out=grad_w)
+
+    three()
+    return _median_time(three, repeats)
+
+
+def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
+    from largefr import PartialFC, margins
+
+    head = PartialFC(
+        margins.ArcFace(), cfg.embedding_size, cfg.num_classes, cfg.sample_rate, ctx.group,
+        seed=0, chunk_rows=cfg.chunk_rows, validate=False,
+    ).to(ctx.device)
+    opt = head.optimizer(cfg.optimizer, lr=0.1, weight_decay=5e-4, **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
+    gen = torch.Generator().manual_seed(ctx.rank)
+    emb = torch.randn(cfg.batch_size, cfg.embedding_size, generator=gen).to(ctx.device).requires_grad_(True)
+    dtype = DTYPES[cfg.dtype]
+
+    def step() -> None:
+        labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(ctx.device)
+        with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = head(emb, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        emb.grad = None
+
+    for _ in range(cfg.warmup):
+        step()
+    torch.distributed.barrier(ctx.group)
+    step_s = _median_time(step, cfg.steps)
+    sampled = head.sampled_class_ids.numel()
+    torch.distributed.barrier(ctx.group)
+    floor_s = _gemm_floor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype, max(5, cfg.steps))
+    state = opt.state[head.weight]
+    return RankResult(
+        step_s=step_s,
+        floor_s=floor_s,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        weight_bytes=head.weight.numel() * head.weight.element_size(),
+        state_bytes=sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0),
+        sampled_rows=sampled,
+    )
+
+
+def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
+    ranks = run_local_ranks(_bench_rank, cfg.world_size, cfg, threads_per_rank=max(1, torch.get_num_threads() // cfg.world_size))
+    step_s = max(r.step_s for r in ranks)
+    floor_s = max(r.floor_s for r in ranks)
+    worst_mem = max(ranks, key=lambda r: r.peak_rss_bytes)
+    slice_state = worst_mem.weight_bytes + worst_mem.state_bytes
+    return {
+        **asdict(cfg),
+        "sampled_rows_per_rank": ranks[0].sampled_rows,
+        "step_ms": 1000 * step_s,
+        "floor_ms": 1000 * floor_s,
+        "step_over_floor": step_s / floor_s,
+        "peak_rss_mb": worst_mem.peak_rss_bytes / 2**20,
+        "slice_plus_state_mb": slice_state / 2**20,
+        "rss_over_slice_plus_state": worst_mem.peak_rss_bytes / slice_state,
+        "rss_minus_1.15x_slice_state_mb": (worst_mem.peak_rss_bytes - 1.15 * slice_state) / 2**20,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-classes", type=int, nargs="+", default=[200_000])
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=128, help="per rank")
+    parser.add_argument("--sample-rate", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--chunk-rows", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per config")
+
+
+def run(args: argparse.Namespace) -> int:
+    for num_classes in args.num_classes:
+        for rate in args.sample_rate:
+            cfg = HeadBenchConfig(
+                num_classes, args.embedding_size, args.batch_size, rate, args.world_size, args.dtype,
+                args.optimizer, args.warmup, args.steps, args.chunk_rows,
+            )
+            result = run_head_bench(cfg)
+            print(json.dumps(result) if args.json else _format(result), flush=True)
+    return 0
+
+
+def _format(r: dict[str, Any]) -> str:
+    return (
+        f"C={r['num_classes']:,} r={r['sample_rate']} N={r['world_size']} B={r['batch_size']} "
+        f"D={r['embedding_size']} {r['dtype']} {r['optimizer']}: K={r['sampled_rows_per_rank']:,} rows/rank  "
+        f"step {r['step_ms']:.1f} ms  floor {r['floor_ms']:.1f} ms  step/floor {r['step_over_floor']:.2f}  "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB = {r['rss_over_slice_plus_state']:.2f} x slice+state "
+        f"({r['slice_plus_state_mb']:.0f} MB)"
+    )
