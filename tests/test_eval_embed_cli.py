@@ -19,6 +19,15 @@ from largefr.models import build_backbone
 META = CheckpointMeta("iresnet18", 32, 112, {"base_width": 8})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads only contend, so use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny_backbone(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_backbone(META.backbone, META.embedding_size, **META.backbone_kwargs)
@@ -65,7 +74,8 @@ def test_flip_test_embedding_is_image_plus_mirror(checkpoint: Path) -> None:
         plain = model(x).numpy()
     got = embed_images(model, encoded, batch_size=3, workers=3)  # 3 batches, last one partial
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(embed_images(model, encoded, batch_size=7, workers=1, flip=False), plain, rtol=1e-4, atol=1e-4)
+    no_flip = embed_images(model, encoded, batch_size=7, workers=1, flip=False)
+    np.testing.assert_allclose(no_flip, plain, rtol=1e-4, atol=1e-4)
     mirrored = embed_images(model, [encode_image(np.ascontiguousarray(a[:, ::-1]), "PNG") for a in arrays], workers=2)
     np.testing.assert_allclose(mirrored, got, rtol=1e-4, atol=1e-4)  # flip test is mirror invariant
     assert not np.allclose(plain, expected - plain, atol=1e-3)  # ... and the mirror really differs
@@ -123,7 +133,9 @@ def test_eval_cli_end_to_end(checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
         assert any(line.startswith(vb.name) and "100.00 ± 0.00" in line for line in text.splitlines())
 
 
-def test_eval_cli_bad_input_is_a_clear_error(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_bad_input_is_a_clear_error(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     evil = tmp_path / "evil.bin"
     evil.write_bytes(pickle.dumps(([b"a", b"b"], [print]), protocol=4))
     args = ["eval", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path), "--device", "cpu", "--bins"]

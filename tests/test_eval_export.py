@@ -12,6 +12,15 @@ from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoin
 from largefr.models import build_backbone
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads only contend, so use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _backbone() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_backbone("iresnet18", 32, base_width=8)
@@ -26,11 +35,13 @@ def _backbone() -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside torch.export
 def test_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
     import onnxruntime as ort
 
-    ckpt = save_backbone_checkpoint(tmp_path / "ckpt", _backbone(), CheckpointMeta("iresnet18", 32, 112, {"base_width": 8}))
+    meta = CheckpointMeta("iresnet18", 32, 112, {"base_width": 8})
+    ckpt = save_backbone_checkpoint(tmp_path / "ckpt", _backbone(), meta)
     out = tmp_path / "model.onnx"
     assert main(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(out)]) == 0  # traced at batch 2
     assert "max abs diff" in capsys.readouterr().out
@@ -47,7 +58,8 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, capsys: 
         got = session.run(None, {"input": x.numpy()})[0]
         diff = float(np.abs(got - expected).max())
         with capsys.disabled():
-            print(f"\nONNX vs PyTorch, batch {batch}: max abs diff {diff:.3e} (|output| max {np.abs(expected).max():.2f})")
+            scale = np.abs(expected).max()
+            print(f"\nONNX vs PyTorch, batch {batch}: max abs diff {diff:.3e} (|output| max {scale:.2f})")
         assert got.shape == (batch, 32)
         assert np.abs(expected).max() > 0.5  # a meaningful comparison, not two near-zero outputs
         assert diff < 1e-4

@@ -18,7 +18,9 @@ from largefr.eval.ijb import (
 )
 
 
-def _write_lists(tmp: Path, templates: list[int], medias: list[int], pairs: list[tuple[int, int, int]]) -> tuple[Path, Path]:
+def _write_lists(
+    tmp: Path, templates: list[int], medias: list[int], pairs: list[tuple[int, int, int]]
+) -> tuple[Path, Path]:
     tid_mid, pair_file = tmp / "tid_mid.txt", tmp / "pairs.txt"
     tid_mid.write_text("".join(f"{i}.jpg {t} {m}\n" for i, (t, m) in enumerate(zip(templates, medias))))
     pair_file.write_text("".join(f"{a} {b} {y}\n" for a, b, y in pairs))

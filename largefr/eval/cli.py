@@ -25,7 +25,9 @@ class SetResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="directory with backbone.pt and meta.json")
     parser.add_argument("--bins", required=True, nargs="+", type=Path, help="verification .bin files (lfw.bin ...)")
-    parser.add_argument("--out-dir", type=Path, default=Path("eval_out"), help="where roc_<set>.png and results.json go")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("eval_out"), help="where roc_<set>.png and results.json go"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward (doubled by the flip test)")
     parser.add_argument("--workers", type=int, default=4, help="JPEG decoding threads")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU) or a torch device")

@@ -45,7 +45,9 @@ def export_onnx(
     return path
 
 
-def onnx_max_abs_diff(model: nn.Module, onnx_path: str | os.PathLike[str], image_size: int = 112, batch: int = 3, seed: int = 0) -> float:
+def onnx_max_abs_diff(
+    model: nn.Module, onnx_path: str | os.PathLike[str], image_size: int = 112, batch: int = 3, seed: int = 0
+) -> float:
     """Max |onnxruntime - PyTorch| over the embeddings of ``batch`` random inputs."""
     import onnxruntime as ort
 

@@ -220,7 +220,8 @@ def identification(
     """
     g_sub, p_sub = np.asarray(gallery_subjects).reshape(-1), np.asarray(probe_subjects).reshape(-1)
     g, p = np.asarray(gallery_feats, np.float32), np.asarray(probe_feats, np.float32)
-    if g.ndim != 2 or p.ndim != 2 or g.shape[1] != p.shape[1] or g.shape[0] != g_sub.shape[0] or p.shape[0] != p_sub.shape[0]:
+    shapes_ok = g.ndim == 2 and p.ndim == 2 and g.shape[1] == p.shape[1]
+    if not shapes_ok or g.shape[0] != g_sub.shape[0] or p.shape[0] != p_sub.shape[0]:
         raise ValueError(
             f"expected gallery [G, D] with G subjects and probes [P, D] with P subjects, got gallery {g.shape} "
             f"with {g_sub.shape[0]} subjects and probes {p.shape} with {p_sub.shape[0]} subjects"

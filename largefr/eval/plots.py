@@ -14,7 +14,7 @@ def plot_roc(
     title: str = "ROC",
     min_far: float = 1e-6,
 ) -> Path:
-    """Write TAR against FAR (log axis) for each named (fpr, tpr) curve to ``path``."""
+    """Write TAR against FAR (log axis from the smallest FAR a curve reaches, >= ``min_far``) to ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -23,14 +23,16 @@ def plot_roc(
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    left = 1.0
     for name, (fpr, tpr) in curves.items():
         fpr, tpr = np.asarray(fpr), np.asarray(tpr)
         if fpr.shape != tpr.shape or fpr.ndim != 1:
             raise ValueError(f"curve {name!r}: expected 1-D fpr and tpr of equal length, got {fpr.shape}, {tpr.shape}")
         keep = fpr > 0  # a log axis cannot show FAR = 0
         ax.plot(fpr[keep], tpr[keep], lw=1.5, label=name)
+        left = min(left, float(fpr[keep].min()) if keep.any() else left)
     ax.set_xscale("log")
-    ax.set_xlim(min_far, 1.0)
+    ax.set_xlim(max(min_far, left / 2), 1.0)
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("False accept rate")
     ax.set_ylabel("True accept rate")
