@@ -119,11 +119,20 @@ def test_one_to_n_known_rank_and_tpir(tmp_path: Path) -> None:
     probe_txt.write_text("".join(f"{t} {s}\n" for t, s in zip(probe_ids, probe_subjects)))
     res = ijb_identification(
         template_ids, feats, read_template_subjects(gal_csv), read_template_subjects(probe_txt),
-        ranks=(1, 2), fpirs=(0.01, 0.1, 0.5),
+        ranks=(1, 2), fpirs=(0.01, 0.1, 0.3, 0.5),
     )
     assert (res["num_mated"], res["num_nonmated"]) == (8, 10)
     assert res["rank1"] == pytest.approx(6 / 8) and res["cmc"] == {1: pytest.approx(6 / 8), 2: 1.0}
-    assert res["tpir_at_fpir"] == {0.01: 0.0, 0.1: pytest.approx(5 / 8), 0.5: pytest.approx(6 / 8)}
+    # FPIR 0.3 admits 3 false alarms (0.95, 0.6, 0.5): threshold 0.4, the 0.3 mate stays out
+    expected = {0.01: 0.0, 0.1: 5 / 8, 0.3: 5 / 8, 0.5: 6 / 8}
+    assert res["tpir_at_fpir"] == pytest.approx(expected)
+
+
+def test_fpir_count_is_exact_despite_float_rounding() -> None:
+    from largefr.eval.ijb import _max_count_within
+
+    assert 0.29 * 100 < 29 and _max_count_within(0.29, 100) == 29
+    assert [_max_count_within(r, 10) for r in (0.0999, 0.1, 0.7, 1.0)] == [0, 1, 7, 10]
 
 
 def test_bad_lists_are_clear_errors(tmp_path: Path) -> None:

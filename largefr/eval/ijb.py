@@ -202,6 +202,16 @@ def _subject_scores(sims: np.ndarray, gallery_subjects: np.ndarray) -> tuple[np.
     return subjects, np.maximum.reduceat(sims[:, order], starts, axis=1)
 
 
+def _max_count_within(rate: float, total: int) -> int:
+    """Largest k with k / total <= rate, without the rounding of floor(rate * total) (0.29 * 100 = 28.99...)."""
+    k = int(np.floor(rate * total))
+    while (k + 1) / total <= rate:
+        k += 1
+    while k > 0 and k / total > rate:
+        k -= 1
+    return k
+
+
 def identification(
     gallery_feats: np.ndarray,
     gallery_subjects: np.ndarray,
@@ -246,7 +256,7 @@ def identification(
     for fpir in fpirs:
         if not 0.0 < fpir <= 1.0:
             raise ValueError(f"FPIR targets must be in (0, 1], got {fpir}")
-        allowed = int(np.floor(fpir * nonmated_top.shape[0]))
+        allowed = _max_count_within(fpir, nonmated_top.shape[0])
         threshold = nonmated_top[allowed] if allowed < nonmated_top.shape[0] else -np.inf
         out["tpir_at_fpir"][float(fpir)] = float(np.mean((rank == 1) & (mate_score > threshold)))
     return out
