@@ -212,18 +212,22 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     else:
         chunk_buf, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
     for i, (a, b) in enumerate(ctx.chunks.ranges):
-        probs = chunk_buf[: b - a]
+        exps = chunk_buf[: b - a]
         if not ctx.chunks.single:
-            _logits(ctx, a, b, probs)
-            probs.sub_(ctx.row_max[a:b].unsqueeze(1)).exp_()
-        probs.mul_((coef / ctx.row_sum[a:b]).unsqueeze(1))
+            _logits(ctx, a, b, exps)
+            exps.sub_(ctx.row_max[a:b].unsqueeze(1)).exp_()
+        # dL/dl_ij = row_scale_i * e_ij - coef [j = y_i]; the row scale is applied to the small [n, D]
+        # GEMM operands instead of a pass over the [n, K] buffer.
+        row_scale = coef / ctx.row_sum[a:b]
         if num_cols:
-            _subtract_onehot(ctx, a, b, probs, coef, grad_target)
+            _subtract_onehot(ctx, a, b, exps, row_scale, coef, grad_target)
         if ctx.inv_norm is not None:
-            probs.mul_(ctx.inv_norm)
-        grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
+            exps.mul_(ctx.inv_norm)
+        grad_logits = exps if ctx.w_gemm.dtype == torch.float32 else exps.to(ctx.w_gemm.dtype)
         _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
-        _mm_into(grad_logits.t(), ctx.x_gemm[a:b], grad_w, accumulate=i > 0)
+        grad_x_op[a:b].mul_(row_scale.unsqueeze(1))
+        x_scaled = ctx.x_gemm[a:b] * row_scale.unsqueeze(1).to(ctx.x_gemm.dtype)
+        _mm_into(grad_logits.t(), x_scaled, grad_w, accumulate=i > 0)
     if num_rows == 0:
         grad_w.zero_()
     if ctx.inv_norm is not None:
@@ -249,16 +253,22 @@ def _project_out_rows(grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torc
 
 
 def _subtract_onehot(
-    ctx: Any, a: int, b: int, probs: torch.Tensor, coef: torch.Tensor, grad_target: torch.Tensor
+    ctx: Any, a: int, b: int, exps: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor,
+    grad_target: torch.Tensor,
 ) -> None:
-    """Turn coef*softmax into dL/dlogits at the owned targets, routing margin targets to grad_target."""
+    """Put the one-hot term into the exp buffer (in units of row_scale) at owned targets.
+
+    With a margin target function the target entry's gradient row_scale*e - coef is routed to
+    grad_target and the entry is zeroed; otherwise the entry becomes e - coef/row_scale = e - S.
+    """
     owned, col = _target_column(ctx.target_col[a:b])
-    at_target = probs.gather(1, col).squeeze(1)
+    at_target = exps.gather(1, col).squeeze(1)
     if ctx.has_target_fn:
-        grad_target[a:b] = torch.where(owned, at_target - coef, torch.zeros_like(at_target))
-        probs.scatter_(1, col, torch.where(owned, torch.zeros_like(at_target), at_target).unsqueeze(1))
+        grad_target[a:b] = torch.where(owned, row_scale * at_target - coef, torch.zeros_like(at_target))
+        replaced = torch.where(owned, torch.zeros_like(at_target), at_target)
     else:
-        probs.scatter_(1, col, torch.where(owned, at_target - coef, at_target).unsqueeze(1))
+        replaced = torch.where(owned, at_target - ctx.row_sum[a:b], at_target)
+    exps.scatter_(1, col, replaced.unsqueeze(1))
 
 
 def _target_backward(ctx: Any, grad_target: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
