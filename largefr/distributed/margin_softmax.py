@@ -39,6 +39,7 @@ class ShardedSoftmaxSpec:
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
     workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
     grad_sink: Callable[[torch.Tensor, Any], None]  # receives (dL/dW_rows [K, D] fp32, its lease)
+    w_inv_norm: torch.Tensor | None = None  # 1/||W_j|| of w_rows when the caller already has it
 
 
 def _gemm_dtype(device: torch.device) -> torch.dtype | None:
@@ -148,7 +149,9 @@ def _forward(
     ctx.has_target_fn = spec.target_fn is not None
     ctx.inv_norm = None
     if spec.normalize_weight:
-        ctx.inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
+        ctx.inv_norm = spec.w_inv_norm
+        if ctx.inv_norm is None:
+            ctx.inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
     ctx.x_gemm = x_op if gemm_dtype is None else x_op.to(gemm_dtype)
     ctx.leases = []
     if gemm_dtype is None:

@@ -29,6 +29,9 @@ from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.workspace import Lease, Workspace
 
 
+GATHER_BLOCK_ROWS = 2048
+
+
 @dataclass
 class RowGrad:
     """Gradient of the loss for some rows of this rank's W slice.
@@ -102,7 +105,7 @@ class PartialFC(nn.Module):
             _check_values(x_all, labels_all, self.num_classes)
         start, stop = self.class_range
         owned = (labels_all >= start) & (labels_all < stop)
-        ids, cols, w_rows, leases = self._select_rows(labels_all - start, owned)
+        ids, cols, w_rows, inv_norm, leases = self._select_rows(labels_all - start, owned)
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
@@ -112,7 +115,7 @@ class PartialFC(nn.Module):
         sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
         spec = ShardedSoftmaxSpec(
             self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
-            self.chunk_rows, self._workspace, sink,
+            self.chunk_rows, self._workspace, sink, inv_norm,
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
         if self.training:
@@ -121,18 +124,26 @@ class PartialFC(nn.Module):
 
     def _select_rows(
         self, local_labels: torch.Tensor, owned: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple[Lease, ...]]:
-        """(local ids or None for all, label columns, W rows [K, D], leases of pooled buffers)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[Lease, ...]]:
+        """(local ids or None for all, label columns, W rows [K, D], 1/||row|| or None, buffer leases)."""
         start = self.class_range[0]
         weight = self.weight.detach()
         if self.sample_rate >= 1.0:
             self.sampled_class_ids = torch.arange(start, self.class_range[1], device=weight.device)
-            return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, ()
+            return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, None, ()
         ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, self._rng(weight.device))
         rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
-        torch.index_select(weight, 0, ids, out=rows)
+        inv_norm = torch.empty(ids.numel(), device=weight.device) if self.margin.normalize_weight else None
+        # gather in blocks so each block's norms are taken while it is still in cache
+        for a in range(0, ids.numel(), GATHER_BLOCK_ROWS):
+            block = rows[a : a + GATHER_BLOCK_ROWS]
+            torch.index_select(weight, 0, ids[a : a + GATHER_BLOCK_ROWS], out=block)
+            if inv_norm is not None:
+                torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + GATHER_BLOCK_ROWS])
+        if inv_norm is not None:
+            inv_norm.clamp_min_(1e-12).reciprocal_()
         self.sampled_class_ids = ids + start
-        return ids, cols, rows, (lease,)
+        return ids, cols, rows, inv_norm, (lease,)
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
