@@ -98,13 +98,14 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
     torch.distributed.barrier(ctx.group)
     step_s = _median_time(step, cfg.steps)
     sampled = head.sampled_class_ids.numel()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the floor's own buffers
     torch.distributed.barrier(ctx.group)
     floor_s = _gemm_floor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype, max(5, cfg.steps))
     state = opt.state[head.weight]
     return RankResult(
         step_s=step_s,
         floor_s=floor_s,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss,
         weight_bytes=head.weight.numel() * head.weight.element_size(),
         state_bytes=sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0),
         sampled_rows=sampled,
