@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("largefr.bench.cli", "benchmarks: head, data (ratios measured in one run)"),
     "eval": ("largefr.eval.cli", "verification .bin sets: 10-fold accuracy, TAR@FAR, ROC plots"),
     "export": ("largefr.eval.export", "export a checkpoint's backbone (onnx)"),
+    "plan": ("largefr.plan", "memory per rank of a configuration (head slice, optimizer, workspace, backbone)"),
 }
 
 
