@@ -285,3 +285,18 @@ def test_arcface_monotonic_option_only_changes_large_angles() -> None:
     assert torch.equal(plain[small_angle], mono[small_angle])
     assert torch.all(mono[1:] >= mono[:-1])  # increasing in cos, i.e. decreasing in theta
     assert not torch.all(plain[1:] >= plain[:-1])  # the plain curve turns back past pi - m
+
+
+def test_sphereface_annealing_follows_the_head_step() -> None:
+    margin = margins.SphereFace(margin=4, lambda_base=1000.0, lambda_min=5.0, gamma=0.5, power=1.0)
+    assert margin.annealing_lambda(0) == 1000.0 and margin.annealing_lambda(10**6) == 5.0
+    x, labels = make_batch(6, 15, seed=8)
+    head = PartialFC(margin, DIM, 15)
+    for step in range(3):
+        loss = head(x, labels)
+        ref_loss, _, _ = reference_loss_and_grads(margin, x, head.weight, labels, step=step)
+        assert loss.item() == pytest.approx(ref_loss, rel=1e-5), step
+    assert head.step == 3
+    head.eval()
+    head(x, labels)
+    assert head.step == 3  # evaluation forwards do not advance the schedule
