@@ -72,12 +72,12 @@ def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
     """The head's per-step temporaries (largefr.heads.workspace slots) on the largest rank."""
     k, d = sampled_rows(inp), inp.embedding_size
     n = inp.batch_size * inp.world_size
-    terms = {
-        "head: logits buffer": min(inp.chunk_rows or n, n) * k * 4,
-        "head: sampled-row gradient": k * d * 4,
-    }
+    single_chunk = inp.chunk_rows is None or inp.chunk_rows >= n
+    terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
     if inp.sample_rate < 1.0:
         terms["head: gathered sampled rows"] = k * d * 4
+    if inp.sample_rate >= 1.0 or not single_chunk:  # otherwise the gradient overwrites the gathered rows
+        terms["head: sampled-row gradient"] = k * d * 4
     if inp.precision != "fp32":
         terms["head: low-precision rows"] = k * d * 2
     return terms

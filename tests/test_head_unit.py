@@ -192,7 +192,9 @@ def test_gradient_accumulation_sums_row_gradients() -> None:
     parts = []
     for half in (slice(0, 6), slice(6, 12)):
         head(x[half], labels[half]).backward()
-        parts.append((head.sampled_class_ids.clone(), head._pending[-1].grad.clone()))
+        record = head._pending[-1]
+        head._finish_projection(record)
+        parts.append((head.sampled_class_ids.clone(), record.grad.clone()))
     merged = head.row_grad()
     dense = torch.zeros(40, DIM)
     for ids, grad in parts:

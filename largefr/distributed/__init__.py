@@ -8,6 +8,7 @@ from largefr.distributed.collectives import (
     reduce_scatter_rows,
     sum_across_ranks,
 )
+from largefr.distributed.ddp import allreduce_sum_hook, wrap_ddp_sum
 from largefr.distributed.env import (
     DistContext,
     choose_backend_and_device,
@@ -16,7 +17,7 @@ from largefr.distributed.env import (
     init_from_env,
     shutdown,
 )
-from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
+from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec, project_out_radial
 
 __all__ = [
     "DistContext",
@@ -24,6 +25,7 @@ __all__ = [
     "ShardedSoftmaxSpec",
     "all_gather_rows",
     "all_reduce_",
+    "allreduce_sum_hook",
     "choose_backend_and_device",
     "free_port",
     "gather_rows_with_grad",
@@ -33,5 +35,7 @@ __all__ = [
     "init_from_env",
     "reduce_scatter_rows",
     "shutdown",
+    "project_out_radial",
     "sum_across_ranks",
+    "wrap_ddp_sum",
 ]

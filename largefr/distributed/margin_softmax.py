@@ -15,7 +15,9 @@ row normalisation are analytic: with u_j = sum_i G_ij x_i / ||W_j|| and d_j = su
 dL/dW_j = u_j - W_j d_j / ||W_j||^2 (d/dW of W/||W|| = (I - W W^T/||W||^2) / ||W||).
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` (the head's row-sparse
-gradient record), so no dense slice-sized gradient is ever accumulated by autograd.
+gradient record), so no dense slice-sized gradient is ever accumulated by autograd. For weight-normalised
+margins it is handed over before the radial projection (u_j above, plus the target rows' gradient), with
+1/||W_j||, so the optimizer can apply ``project_out_radial`` block by block while the rows are in cache.
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ class ShardedSoftmaxSpec:
     target_fn: TargetFn | None  # None: the target logit is the plain non-target formula
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
     workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
-    grad_sink: Callable[[torch.Tensor, Any], None]  # receives (dL/dW_rows [K, D] fp32, its lease)
+    # receives (gradient rows [K, D] fp32, their lease, 1/||W_j|| or None). When the third argument is
+    # set, the rows still need project_out_radial (deferred so the optimizer can fuse it with its update).
+    grad_sink: Callable[[torch.Tensor, Any, torch.Tensor | None], None]
     w_inv_norm: torch.Tensor | None = None  # 1/||W_j|| of w_rows when the caller already has it
+    rows_are_scratch: bool = False  # w_rows is a gathered copy that backward may overwrite
 
 
 def _gemm_dtype(device: torch.device) -> torch.dtype | None:
@@ -208,8 +213,15 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     device, ws = grad_loss.device, spec.workspace
     coef = grad_loss.float() / num_rows
     grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
-    grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
-    grad_target = torch.zeros(num_rows, device=device)
+    grad_x_raw = torch.zeros_like(ctx.x_raw) if ctx.has_target_fn else None
+    target_grads = []
+    # With one chunk and scratch rows, the weight gradient overwrites the gathered rows after their
+    # last use (GEMM2): one [K, D] buffer instead of two.
+    reuse_rows = spec.rows_are_scratch and ctx.chunks.single and num_rows > 0
+    if reuse_rows:
+        grad_w, grad_w_lease = ctx.w_rows, None
+    else:
+        grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
     if ctx.chunks.single:
         chunk_buf = ctx.logits
     else:
@@ -223,7 +235,9 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         # GEMM operands instead of a pass over the [n, K] buffer.
         row_scale = coef / ctx.row_sum[a:b]
         if num_cols:
-            _subtract_onehot(ctx, a, b, exps, row_scale, coef, grad_target)
+            grad_target = _subtract_onehot(ctx, a, b, exps, row_scale, coef)
+            if ctx.has_target_fn:
+                target_grads.append(_target_backward(ctx, a, b, grad_target, grad_x_raw))
         if ctx.inv_norm is not None:
             exps.mul_(ctx.inv_norm)
         grad_logits = exps if ctx.w_gemm.dtype == torch.float32 else exps.to(ctx.w_gemm.dtype)
@@ -233,51 +247,62 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         _mm_into(grad_logits.t(), x_scaled, grad_w, accumulate=i > 0)
     if num_rows == 0:
         grad_w.zero_()
-    if ctx.inv_norm is not None:
-        _project_out_rows(grad_w, ctx.w_rows, ctx.inv_norm)
-    grad_x_raw = None
-    if ctx.has_target_fn:
-        grad_x_raw = _target_backward(ctx, grad_target, grad_w)
-    ctx.logits = None
-    ctx.leases = []
-    spec.grad_sink(grad_w, grad_w_lease)
+    for cols, rows_grad in target_grads:
+        grad_w.index_add_(0, cols, rows_grad)
+    inv_norm = ctx.inv_norm
+    _release(ctx)
+    spec.grad_sink(grad_w, grad_w_lease, inv_norm)
     return grad_x_op, grad_x_raw
 
 
-def _project_out_rows(grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor, block: int = 2048) -> None:
-    """grad_w_j -= w_j (grad_w_j . w_j) / ||w_j||^2, in row blocks that stay in cache.
+def _release(ctx: Any) -> None:
+    """Drop every buffer and the spec, so a graph kept alive by the caller pins no workspace slot."""
+    ctx.logits = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = None
+    ctx.leases = []
 
-    On entry grad_w_j = u_j = sum_i G_ij x_i / ||w_j||, so (u_j . w_j) = sum_i G_ij l_ij = d_j.
+
+def project_out_radial(grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor) -> None:
+    """grad_w_j -= w_j (grad_w_j . w_j) / ||w_j||^2 in place: the chain rule through w / ||w||.
+
+    Given u_j = dL/d(w_j/||w_j||) / ||w_j|| (what backward leaves for weight-normalised margins), this
+    yields dL/dw_j = (I - w_j w_j^T / ||w_j||^2) u_j. Callers pass row blocks that fit in cache.
     """
-    for a in range(0, grad_w.shape[0], block):
-        g, w = grad_w[a : a + block], w_rows[a : a + block]
-        dots = (g * w).sum(dim=1)
-        g.addcmul_(w, (dots * inv_norm[a : a + block].square()).unsqueeze(1), value=-1.0)
+    dots = (grad_w * w_rows).sum(dim=1)
+    grad_w.addcmul_(w_rows, (dots * inv_norm.square()).unsqueeze(1), value=-1.0)
 
 
 def _subtract_onehot(
-    ctx: Any, a: int, b: int, exps: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor,
-    grad_target: torch.Tensor,
-) -> None:
+    ctx: Any, a: int, b: int, exps: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
     """Put the one-hot term into the exp buffer (in units of row_scale) at owned targets.
 
-    With a margin target function the target entry's gradient row_scale*e - coef is routed to
-    grad_target and the entry is zeroed; otherwise the entry becomes e - coef/row_scale = e - S.
+    With a margin target function the target entry's gradient row_scale*e - coef is returned (for the
+    target function's inputs) and the entry is zeroed; otherwise the entry becomes e - coef/row_scale
+    = e - S. Returns the target logits' gradient [b - a] (zero where another rank owns the target).
     """
     owned, col = _target_column(ctx.target_col[a:b])
     at_target = exps.gather(1, col).squeeze(1)
+    zeros = torch.zeros_like(at_target)
     if ctx.has_target_fn:
-        grad_target[a:b] = torch.where(owned, row_scale * at_target - coef, torch.zeros_like(at_target))
-        replaced = torch.where(owned, torch.zeros_like(at_target), at_target)
+        grad_target = torch.where(owned, row_scale * at_target - coef, zeros)
+        replaced = torch.where(owned, zeros, at_target)
     else:
+        grad_target = zeros
         replaced = torch.where(owned, at_target - ctx.row_sum[a:b], at_target)
     exps.scatter_(1, col, replaced.unsqueeze(1))
+    return grad_target
 
 
-def _target_backward(ctx: Any, grad_target: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
-    """Back-propagate the target logits' gradient; W-row parts are added into grad_w in place."""
-    target, x, w = _target_graph(ctx.spec.target_fn, ctx.x_raw, ctx.w_rows, ctx.target_col)
+def _target_backward(
+    ctx: Any, a: int, b: int, grad_target: torch.Tensor, grad_x_raw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-propagate rows [a, b) of the target logits; returns (columns, W-row grads) to add later.
+
+    For weight-normalised margins the target depends on W_y only through its direction, so its
+    gradient is already orthogonal to W_y and the later radial projection leaves it unchanged.
+    """
+    cols = ctx.target_col[a:b].clamp_min(0)
+    target, x, w = _target_graph(ctx.spec.target_fn, ctx.x_raw[a:b], ctx.w_rows, ctx.target_col[a:b])
     grad_x, grad_wt = torch.autograd.grad(target, (x, w), grad_target)
-    if ctx.w_rows.shape[0] > 0:
-        grad_w.index_add_(0, ctx.target_col.clamp_min(0), grad_wt)
-    return grad_x
+    grad_x_raw[a:b] = grad_x
+    return cols, grad_wt

@@ -18,6 +18,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed import (
     ShardedMarginSoftmaxCE,
+    project_out_radial,
     ShardedSoftmaxSpec,
     all_gather_rows,
     gather_rows_with_grad,
@@ -36,13 +37,14 @@ GATHER_BLOCK_ROWS = 2048
 class RowGrad:
     """Gradient of the loss for some rows of this rank's W slice.
 
-    ids: local row indices (sorted), or None for every row; grad: [len(ids) or slice rows, D] fp32;
-    rows: the W rows at ids as they were in the forward (so the optimizer needs no second gather), or None.
+    ids: local row indices (sorted), or None for every row; grad: [len(ids) or slice rows, D] fp32.
+    inv_norm: when set, ``grad`` still lacks the radial projection through W/||W|| (see
+    largefr.distributed.margin_softmax.project_out_radial), to be applied with these 1/||W_j||.
     """
 
     ids: torch.Tensor | None
     grad: torch.Tensor
-    rows: torch.Tensor | None
+    inv_norm: torch.Tensor | None = None
     leases: tuple[Lease, ...] = ()
 
 
@@ -112,10 +114,10 @@ class PartialFC(nn.Module):
         target_fn = None
         if self.margin.transforms_target:
             target_fn = functools.partial(self.margin.target_logit, step=self.step)
-        sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
+        sink = functools.partial(self._record_grad, ids, leases)
         spec = ShardedSoftmaxSpec(
             self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
-            self.chunk_rows, self._workspace, sink, inv_norm,
+            self.chunk_rows, self._workspace, sink, inv_norm, rows_are_scratch=ids is not None,
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
         if self.training:
@@ -151,16 +153,37 @@ class PartialFC(nn.Module):
         return self._generator
 
     def _record_grad(
-        self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
-        grad: torch.Tensor, grad_lease: Lease,
+        self, ids: torch.Tensor | None, leases: tuple[Lease, ...],
+        grad: torch.Tensor, grad_lease: Lease | None, inv_norm: torch.Tensor | None,
     ) -> None:
-        self._pending.append(RowGrad(ids, grad, rows, (*leases, grad_lease)))
+        held = leases if grad_lease is None else (*leases, grad_lease)
+        self._pending.append(RowGrad(ids, grad, inv_norm, held))
 
     def row_grad(self) -> RowGrad | None:
         """The W gradient accumulated since the last zero_grad, merged over backward passes."""
+        if not self._pending:
+            return None
+        for record in self._pending:
+            self._finish_projection(record)
         if len(self._pending) > 1:
             self._pending = [_merge_row_grads(self._pending, self.num_local_classes)]
-        return self._pending[0] if self._pending else None
+        return self._pending[0]
+
+    def take_row_grad(self) -> RowGrad | None:
+        """Pending gradient for an optimizer, possibly with its radial projection still deferred."""
+        grad = self._pending[0] if len(self._pending) == 1 else self.row_grad()
+        self._pending = []
+        return grad
+
+    def _finish_projection(self, record: RowGrad) -> None:
+        if record.inv_norm is None:
+            return
+        weight = self.weight.detach()
+        for a in range(0, record.grad.shape[0], GATHER_BLOCK_ROWS):
+            b = a + GATHER_BLOCK_ROWS
+            rows = weight[a:b] if record.ids is None else weight.index_select(0, record.ids[a:b])
+            project_out_radial(record.grad[a:b], rows, record.inv_norm[a:b])
+        record.inv_norm = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending = []
@@ -238,9 +261,9 @@ def _merge_row_grads(grads: list[RowGrad], num_rows: int) -> RowGrad:
         total = grads[0].grad.clone()
         for g in grads[1:]:
             total.add_(g.grad)
-        return RowGrad(None, total, None)
+        return RowGrad(None, total)
     ids = torch.cat([g.ids if g.ids is not None else torch.arange(num_rows, device=g.grad.device) for g in grads])
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
     total = grads[0].grad.new_zeros(unique_ids.numel(), grads[0].grad.shape[1])
     total.index_add_(0, inverse, torch.cat([g.grad for g in grads]))
-    return RowGrad(unique_ids, total, None)
+    return RowGrad(unique_ids, total)

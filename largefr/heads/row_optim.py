@@ -21,6 +21,7 @@ import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from largefr.distributed import project_out_radial
 from largefr.heads.partial_fc import PartialFC, RowGrad
 
 
@@ -54,31 +55,33 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        row_grad = self.head.row_grad()
+        row_grad = self.head.take_row_grad()
         if row_grad is not None:
             self._apply(row_grad)
-            self.head.zero_grad()
         return loss
 
     def _apply(self, row_grad: RowGrad) -> None:
+        """Update the rows in blocks: gather W and state rows, finish the gradient, step, scatter back.
+
+        Each block's rows, state and gradient stay in cache between the projection (if deferred), the
+        fused update and the write-back, and no [K, D] temporary is allocated per state variable.
+        """
         weight = self.head.weight.detach()
         state = self.state[self.head.weight]
         buffers = [state[name] for name in self._active_state_names()]
-        if row_grad.ids is None:
-            self._update(weight, row_grad.grad, buffers)
-            return
-        ids = row_grad.ids
-        rows = row_grad.rows if row_grad.rows is not None else weight.index_select(0, ids)
-        # Row blocks: the gathered optimizer state of one block stays in cache, and no [K, D]
-        # temporary is allocated per state variable.
-        for a in range(0, ids.numel(), UPDATE_BLOCK_ROWS):
-            block_ids = ids[a : a + UPDATE_BLOCK_ROWS]
-            block_rows = rows[a : a + UPDATE_BLOCK_ROWS]
-            gathered = [full.index_select(0, block_ids) for full in buffers]
-            self._update(block_rows, row_grad.grad[a : a + UPDATE_BLOCK_ROWS], gathered)
-            weight.index_copy_(0, block_ids, block_rows)
-            for full, block_state in zip(buffers, gathered):
-                full.index_copy_(0, block_ids, block_state)
+        ids, grad, inv_norm = row_grad.ids, row_grad.grad, row_grad.inv_norm
+        for a in range(0, grad.shape[0], UPDATE_BLOCK_ROWS):
+            b = a + UPDATE_BLOCK_ROWS
+            block_ids = None if ids is None else ids[a:b]
+            rows = weight[a:b] if block_ids is None else weight.index_select(0, block_ids)
+            block_state = [full[a:b] if block_ids is None else full.index_select(0, block_ids) for full in buffers]
+            if inv_norm is not None:
+                project_out_radial(grad[a:b], rows, inv_norm[a:b])
+            self._update(rows, grad[a:b], block_state)
+            if block_ids is not None:
+                weight.index_copy_(0, block_ids, rows)
+                for full, rows_state in zip(buffers, block_state):
+                    full.index_copy_(0, block_ids, rows_state)
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} must define _update")
