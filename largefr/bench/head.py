@@ -1,9 +1,10 @@
 """Partial FC step time against its matrix-multiply floor, and peak memory against the slice's bytes.
 
 Spawns N local ranks. Each rank runs the head step (forward + backward + row-sparse SGD step) on random
-embeddings and uniform labels, then, in the same process and run, times the three GEMMs of that step
-for the same shapes (logits [N,D]x[D,K], embedding grads [N,K]x[K,D], weight grads [K,N]x[N,D]).
-Ratios, not absolute times, are the result: step / floor and peak RSS / (W slice + optimizer state).
+embeddings and uniform labels; after each timed step, the same process times the three GEMMs of that
+step for the same shapes (logits [N,D]x[D,K], embedding grads [N,K]x[K,D], weight grads [K,N]x[N,D]).
+Ratios, not absolute times, are the result: the median of step / floor over the alternating pairs, and
+peak RSS (taken before the floor's buffers exist) / (W slice + optimizer state).
 """
 from __future__ import annotations
 
@@ -41,35 +42,34 @@ class HeadBenchConfig:
 class RankResult:
     step_s: float
     floor_s: float
+    ratio: float  # median over iterations of step / floor
     peak_rss_bytes: int
     weight_bytes: int
     state_bytes: int
     sampled_rows: int
 
 
-def _median_time(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class _GemmFloor:
+    """The step's three GEMMs for the same shapes and dtype, with preallocated outputs."""
+
+    def __init__(self, rows: int, cols: int, dim: int, dtype: torch.dtype | None) -> None:
+        dt = dtype or torch.float32
+        self.x, self.w = torch.randn(rows, dim, dtype=dt), torch.randn(cols, dim, dtype=dt)
+        self.g = torch.randn(rows, cols, dtype=dt)
+        self.logits = torch.empty(rows, cols, dtype=dt)
+        self.grad_x, self.grad_w = torch.empty(rows, dim, dtype=dt), torch.empty(cols, dim, dtype=dt)
+
+    def __call__(self) -> None:
+        torch.mm(self.x, self.w.t(), out=self.logits)
+        torch.mm(self.g, self.w, out=self.grad_x)
+        torch.mm(self.g.t(), self.x, out=self.grad_w)
 
 
-def _gemm_floor(rows: int, cols: int, dim: int, dtype: torch.dtype | None, repeats: int) -> float:
-    """Median time of the step's three GEMMs with preallocated outputs, in the head's GEMM dtype."""
-    dt = dtype or torch.float32
-    x, w = torch.randn(rows, dim, dtype=dt), torch.randn(cols, dim, dtype=dt)
-    g = torch.randn(rows, cols, dtype=dt)
-    logits, grad_x, grad_w = torch.empty(rows, cols, dtype=dt), torch.empty(rows, dim, dtype=dt), torch.empty(cols, dim, dtype=dt)
-
-    def three() -> None:
-        torch.mm(x, w.t(), out=logits)
-        torch.mm(g, w, out=grad_x)
-        torch.mm(g.t(), x, out=grad_w)
-
-    three()
-    return _median_time(three, repeats)
+def _timed(fn: Any, group: Any) -> float:
+    torch.distributed.barrier(group)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
@@ -95,16 +95,17 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
 
     for _ in range(cfg.warmup):
         step()
-    torch.distributed.barrier(ctx.group)
-    step_s = _median_time(step, cfg.steps)
     sampled = head.sampled_class_ids.numel()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the floor's own buffers
-    torch.distributed.barrier(ctx.group)
-    floor_s = _gemm_floor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype, max(5, cfg.steps))
+    floor = _GemmFloor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype)
+    floor()
+    # steps and floors alternate, so both see the same machine (other load, clock, cache state)
+    steps, floors = zip(*[(_timed(step, ctx.group), _timed(floor, ctx.group)) for _ in range(cfg.steps)])
     state = opt.state[head.weight]
     return RankResult(
-        step_s=step_s,
-        floor_s=floor_s,
+        step_s=statistics.median(steps),
+        floor_s=statistics.median(floors),
+        ratio=statistics.median(a / b for a, b in zip(steps, floors)),
         peak_rss_bytes=peak_rss,
         weight_bytes=head.weight.numel() * head.weight.element_size(),
         state_bytes=sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0),
@@ -116,6 +117,7 @@ def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
     ranks = run_local_ranks(_bench_rank, cfg.world_size, cfg, threads_per_rank=max(1, torch.get_num_threads() // cfg.world_size))
     step_s = max(r.step_s for r in ranks)
     floor_s = max(r.floor_s for r in ranks)
+    ratio = max(r.ratio for r in ranks)
     worst_mem = max(ranks, key=lambda r: r.peak_rss_bytes)
     slice_state = worst_mem.weight_bytes + worst_mem.state_bytes
     return {
@@ -123,7 +125,7 @@ def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
         "sampled_rows_per_rank": ranks[0].sampled_rows,
         "step_ms": 1000 * step_s,
         "floor_ms": 1000 * floor_s,
-        "step_over_floor": step_s / floor_s,
+        "step_over_floor": ratio,
         "peak_rss_mb": worst_mem.peak_rss_bytes / 2**20,
         "slice_plus_state_mb": slice_state / 2**20,
         "rss_over_slice_plus_state": worst_mem.peak_rss_bytes / slice_state,
