@@ -8,7 +8,7 @@ from largefr.distributed.collectives import (
     reduce_scatter_rows,
     sum_across_ranks,
 )
-from largefr.distributed.ddp import allreduce_sum_hook, wrap_ddp_sum
+from largefr.distributed.ddp import allreduce_sum_hook, broadcast_buffers, wrap_ddp_sum
 from largefr.distributed.env import (
     DistContext,
     choose_backend_and_device,
@@ -26,6 +26,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_",
     "allreduce_sum_hook",
+    "broadcast_buffers",
     "choose_backend_and_device",
     "free_port",
     "gather_rows_with_grad",

@@ -33,3 +33,15 @@ def wrap_ddp_sum(model: nn.Module, ctx: DistContext) -> DistributedDataParallel:
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=ctx.group)
     ddp.register_comm_hook(ctx.group, allreduce_sum_hook)
     return ddp
+
+
+def broadcast_buffers(model: nn.Module, group: ProcessGroup) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank of ``group``.
+
+    Each rank updates its own running statistics in its forward; DDP copies rank 0's over them at the
+    next forward. Call this before anything that must see one network on all ranks (a checkpoint of
+    replicated state, evaluation): it changes nothing DDP would not overwrite anyway.
+    """
+    if dist.get_world_size(group) > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, group=group, group_src=0)
