@@ -5,19 +5,24 @@ Each rank holds the logits of the whole (gathered) batch against its own class r
     l_ij = x_i . W_j * (1 / ||W_j|| if weights are normalised)        non-target entries
     l_iy = target_fn(x_raw_i, W_y)                                      owned target entries
 
-    m_i  = all-reduce MAX over ranks of max_j l_ij
-    S_i, T_i = all-reduce SUM of (sum_j exp(l_ij - m_i), owned target logit)   (one collective)
-    loss = mean_i (log S_i + m_i - T_i)
+Per rank the logits buffer is turned in place into the LOCAL softmax p_ij = exp(l_ij - m_i) / s_i
+(torch's fused softmax kernel; m_i, s_i the local row max and sum). With the global max
+M_i = all-reduce MAX of m_i and the rescaled local sums r_i = s_i exp(m_i - M_i):
 
-Backward is local: dL/dl_ij = (softmax_ij - [j = y_i]) / N. The logits buffer is turned into the softmax
-in place; the target entries' gradient goes to the target function's inputs; gradients through the
-row normalisation are analytic: with u_j = sum_i G_ij x_i / ||W_j|| and d_j = sum_i G_ij l_ij,
-dL/dW_j = u_j - W_j d_j / ||W_j||^2 (d/dW of W/||W|| = (I - W W^T/||W||^2) / ||W||).
+    S_i, T_i = all-reduce SUM of (r_i, owned target logit)      (one collective)
+    loss = mean_i (log S_i + M_i - T_i)
+
+Backward is local: dL/dl_ij = (softmax_ij - [j = y_i]) / N = c_i p_ij - [j = y_i] / N with
+c_i = r_i / (N S_i). The row factor c_i is applied to the small [N, D] GEMM operands, not to the
+buffer. Target entries are zeroed in the buffer and their gradient c_i p_iy - 1/N goes through the
+target function. Through the row normalisation the gradient is analytic: with u_j = sum_i G_ij x_i / ||W_j||
+(what GEMM3 gives once the buffer's columns are scaled), dL/dW_j = u_j - W_j (u_j . W_j) / ||W_j||^2.
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` (the head's row-sparse
 gradient record), so no dense slice-sized gradient is ever accumulated by autograd. For weight-normalised
-margins it is handed over before the radial projection (u_j above, plus the target rows' gradient), with
-1/||W_j||, so the optimizer can apply ``project_out_radial`` block by block while the rows are in cache.
+margins it is handed over before the radial projection (u_j plus the target rows' gradient, which is
+already orthogonal to W_j), with 1/||W_j||, so the optimizer can apply ``project_out_radial`` block by
+block while the rows are in cache.
 """
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ShardedSoftmaxSpec:
-    group: ProcessGroup
+    group: ProcessGroup | None
     num_rows: int  # global batch size N; the loss is the mean over it
     normalize_weight: bool
-    target_fn: TargetFn | None  # None: the target logit is the plain non-target formula
+    target_fn: TargetFn  # target logit of raw rows (x [n, D], W_y [n, D]) -> [n]
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
     workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
     # receives (gradient rows [K, D] fp32, their lease, 1/||W_j|| or None). When the third argument is
@@ -82,22 +87,10 @@ def _target_column(target_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return owned, target_col.clamp_min(0).unsqueeze(1)
 
 
-def _logits(ctx: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` [b-a, K] with the fp32 logits of rows [a, b), targets replaced."""
-    _mm_into(ctx.x_gemm[a:b], ctx.w_gemm.t(), out)
-    if ctx.inv_norm is not None:
-        out.mul_(ctx.inv_norm)
-    if ctx.has_target_fn and out.shape[1] > 0:
-        owned, col = _target_column(ctx.target_col[a:b])
-        current = out.gather(1, col).squeeze(1)
-        out.scatter_(1, col, torch.where(owned, ctx.target_value[a:b], current).unsqueeze(1))
-    return out
-
-
 def _target_graph(
     target_fn: TargetFn, x_raw: torch.Tensor, w_rows: torch.Tensor, target_col: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Target logits [N] with their (detached leaf) inputs, for forward values or backward grads."""
+    """Target logits [n] with their (detached leaf) inputs, for forward values or backward grads."""
     with torch.enable_grad():
         x = x_raw.detach().requires_grad_(True)
         if w_rows.shape[0] > 0:
@@ -107,9 +100,25 @@ def _target_graph(
         return target_fn(x, w).float(), x, w
 
 
+def _local_softmax_(ctx: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` [b-a, K] with the local softmax of rows [a, b); returns their local max m_i."""
+    _mm_into(ctx.x_gemm[a:b], ctx.w_gemm.t(), out)
+    if ctx.inv_norm is not None:
+        out.mul_(ctx.inv_norm)
+    if out.shape[1] == 0:
+        return torch.full((b - a,), float("-inf"), device=out.device)
+    owned, col = _target_column(ctx.target_col[a:b])
+    current = out.gather(1, col).squeeze(1)
+    out.scatter_(1, col, torch.where(owned, ctx.target_value[a:b], current).unsqueeze(1))
+    local_max = out.amax(dim=1)
+    # in place is safe: the kernel reads each row for its max and sum before writing it
+    torch.ops.aten._softmax.out(out, 1, False, out=out)
+    return local_max
+
+
 class ShardedMarginSoftmaxCE(torch.autograd.Function):
-    """forward: local logits, all-reduce MAX of row maxima, one all-reduce SUM of (sum exp, target logit);
-    backward: local, no collective (softmax - onehot from the saved/recomputed logits).
+    """forward: local softmax, all-reduce MAX of row maxima, one all-reduce SUM of (rescaled sum, target logit);
+    backward: local, no collective (softmax - onehot from the saved/recomputed buffer).
 
     Inputs: x_op [N, D] (GEMM operand rows), x_raw [N, D] (raw rows for the target function),
     w_rows [K, D] (this rank's sampled class rows), target_col [N] (column of each row's class among
@@ -151,7 +160,6 @@ def _forward(
     device, ws = x_op.device, spec.workspace
     ctx.spec, ctx.target_col, ctx.x_raw, ctx.w_rows = spec, target_col, x_raw, w_rows
     ctx.anchor_like = torch.empty(0, device=device)
-    ctx.has_target_fn = spec.target_fn is not None
     ctx.inv_norm = None
     if spec.normalize_weight:
         ctx.inv_norm = spec.w_inv_norm
@@ -165,82 +173,73 @@ def _forward(
         ctx.w_gemm, lease = ws.take("w_gemm", tuple(w_rows.shape), gemm_dtype, device)
         ctx.w_gemm.copy_(w_rows)
         ctx.leases.append(lease)
-    if ctx.has_target_fn:
-        ctx.target_value = _target_graph(spec.target_fn, x_raw, w_rows, target_col)[0].detach()
+    ctx.target_value = _target_graph(spec.target_fn, x_raw, w_rows, target_col)[0].detach()
 
     chunks = _Chunks(num_rows, spec.chunk_rows)
-    logits, lease = ws.take("logits", (chunks.size, num_cols), torch.float32, device)
+    buffer, lease = ws.take("logits", (chunks.size, num_cols), torch.float32, device)
     ctx.leases.append(lease)
-    row_max = torch.empty(num_rows, device=device)
-    row_sum = torch.empty(num_rows, device=device)
+    ctx.row_factor = torch.empty(num_rows, device=device)  # r_i / S_i
     loss_sum = torch.zeros((), device=device)
     for a, b in chunks.ranges:
-        buf = _logits(ctx, a, b, logits[: b - a])
-        owned, col = _target_column(target_col[a:b])
-        target = buf.gather(1, col).squeeze(1) if num_cols else torch.zeros(b - a, device=device)
-        loss_sum += _softmax_stats(buf, owned, target, spec.group, row_max[a:b], row_sum[a:b])
-    ctx.row_max, ctx.row_sum, ctx.chunks = row_max, row_sum, chunks
-    ctx.logits = logits if chunks.single else None
+        probs = buffer[: b - a]
+        local_max = _local_softmax_(ctx, a, b, probs)
+        owned = target_col[a:b] >= 0
+        loss_sum += _global_stats(probs, local_max, owned, ctx.target_value[a:b], spec.group, ctx.row_factor[a:b])
+    ctx.chunks = chunks
+    ctx.probs = buffer if chunks.single else None
     if not chunks.single:
         ctx.leases = ctx.leases[:-1]  # the chunk buffer is reused only inside this call
     return loss_sum / num_rows
 
 
-def _softmax_stats(
-    logits: torch.Tensor,
+def _global_stats(
+    probs: torch.Tensor,
+    local_max: torch.Tensor,
     owned: torch.Tensor,
     target: torch.Tensor,
-    group: ProcessGroup,
-    row_max: torch.Tensor,
-    row_sum: torch.Tensor,
+    group: ProcessGroup | None,
+    row_factor: torch.Tensor,
 ) -> torch.Tensor:
-    """exp(logits - global max) in place; fills global max and sum; returns the chunk's summed loss."""
-    if logits.shape[1]:
-        torch.amax(logits, dim=1, out=row_max)
-    else:
-        row_max.fill_(float("-inf"))
-    all_reduce_(row_max, ReduceOp.MAX, group)
-    logits.sub_(row_max.unsqueeze(1)).exp_()
-    stats = torch.stack([logits.sum(dim=1), torch.where(owned, target, torch.zeros_like(target))])
+    """Combine the ranks' local softmax statistics; fills r_i / S_i; returns the chunk's summed loss."""
+    global_max = all_reduce_(local_max.clone(), ReduceOp.MAX, group)
+    # the local softmax at its own max is exp(0) / s_i, so s_i = 1 / max_j p_ij
+    local_sum = probs.amax(dim=1).reciprocal_() if probs.shape[1] else torch.zeros_like(local_max)
+    rescaled = torch.where(local_sum > 0, local_sum * torch.exp(local_max - global_max), torch.zeros_like(local_sum))
+    stats = torch.stack([rescaled, torch.where(owned, target, torch.zeros_like(target))])
     all_reduce_(stats, ReduceOp.SUM, group)
-    row_sum.copy_(stats[0])
-    return (stats[0].log() + row_max - stats[1]).sum()
+    row_factor.copy_(rescaled / stats[0])
+    return (stats[0].log() + global_max - stats[1]).sum()
 
 
-def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     spec: ShardedSoftmaxSpec = ctx.spec
     num_rows, num_cols = ctx.x_gemm.shape[0], ctx.w_rows.shape[0]
     device, ws = grad_loss.device, spec.workspace
     coef = grad_loss.float() / num_rows
     grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
-    grad_x_raw = torch.zeros_like(ctx.x_raw) if ctx.has_target_fn else None
+    grad_x_raw = torch.zeros_like(ctx.x_raw)
     target_grads = []
     # With one chunk and scratch rows, the weight gradient overwrites the gathered rows after their
     # last use (GEMM2): one [K, D] buffer instead of two.
-    reuse_rows = spec.rows_are_scratch and ctx.chunks.single and num_rows > 0
-    if reuse_rows:
+    if spec.rows_are_scratch and ctx.chunks.single and num_rows > 0:
         grad_w, grad_w_lease = ctx.w_rows, None
     else:
         grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
     if ctx.chunks.single:
-        chunk_buf = ctx.logits
+        buffer = ctx.probs
     else:
-        chunk_buf, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
+        buffer, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
     for i, (a, b) in enumerate(ctx.chunks.ranges):
-        exps = chunk_buf[: b - a]
+        probs = buffer[: b - a]
         if not ctx.chunks.single:
-            _logits(ctx, a, b, exps)
-            exps.sub_(ctx.row_max[a:b].unsqueeze(1)).exp_()
-        # dL/dl_ij = row_scale_i * e_ij - coef [j = y_i]; the row scale is applied to the small [n, D]
-        # GEMM operands instead of a pass over the [n, K] buffer.
-        row_scale = coef / ctx.row_sum[a:b]
+            _local_softmax_(ctx, a, b, probs)
+        row_scale = coef * ctx.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
         if num_cols:
-            grad_target = _subtract_onehot(ctx, a, b, exps, row_scale, coef)
-            if ctx.has_target_fn:
-                target_grads.append(_target_backward(ctx, a, b, grad_target, grad_x_raw))
+            grad_target = _take_target_entries(ctx, a, b, probs, row_scale, coef)
+            target_grads.append(_target_backward(ctx, a, b, grad_target, grad_x_raw))
         if ctx.inv_norm is not None:
-            exps.mul_(ctx.inv_norm)
-        grad_logits = exps if ctx.w_gemm.dtype == torch.float32 else exps.to(ctx.w_gemm.dtype)
+            probs.mul_(ctx.inv_norm)
+        grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
         _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
         grad_x_op[a:b].mul_(row_scale.unsqueeze(1))
         x_scaled = ctx.x_gemm[a:b] * row_scale.unsqueeze(1).to(ctx.x_gemm.dtype)
@@ -257,40 +256,37 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _release(ctx: Any) -> None:
     """Drop every buffer and the spec, so a graph kept alive by the caller pins no workspace slot."""
-    ctx.logits = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = None
+    ctx.probs = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = None
     ctx.leases = []
 
 
-def project_out_radial(grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor) -> None:
+def project_out_radial(
+    grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor, scratch: torch.Tensor | None = None
+) -> None:
     """grad_w_j -= w_j (grad_w_j . w_j) / ||w_j||^2 in place: the chain rule through w / ||w||.
 
     Given u_j = dL/d(w_j/||w_j||) / ||w_j|| (what backward leaves for weight-normalised margins), this
-    yields dL/dw_j = (I - w_j w_j^T / ||w_j||^2) u_j. Callers pass row blocks that fit in cache.
+    yields dL/dw_j = (I - w_j w_j^T / ||w_j||^2) u_j. Callers pass row blocks that fit in cache, and
+    optionally a scratch tensor of grad_w's shape for the elementwise product.
     """
-    dots = (grad_w * w_rows).sum(dim=1)
+    product = torch.mul(grad_w, w_rows, out=scratch) if scratch is not None else grad_w * w_rows
+    dots = product.sum(dim=1)
     grad_w.addcmul_(w_rows, (dots * inv_norm.square()).unsqueeze(1), value=-1.0)
 
 
-def _subtract_onehot(
-    ctx: Any, a: int, b: int, exps: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor
+def _take_target_entries(
+    ctx: Any, a: int, b: int, probs: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor
 ) -> torch.Tensor:
-    """Put the one-hot term into the exp buffer (in units of row_scale) at owned targets.
+    """Zero the owned target entries of the buffer; return their logits' gradient [b - a].
 
-    With a margin target function the target entry's gradient row_scale*e - coef is returned (for the
-    target function's inputs) and the entry is zeroed; otherwise the entry becomes e - coef/row_scale
-    = e - S. Returns the target logits' gradient [b - a] (zero where another rank owns the target).
+    The gradient row_scale * p - coef goes through the target function instead of the GEMMs
+    (zero where another rank owns the target).
     """
     owned, col = _target_column(ctx.target_col[a:b])
-    at_target = exps.gather(1, col).squeeze(1)
+    at_target = probs.gather(1, col).squeeze(1)
     zeros = torch.zeros_like(at_target)
-    if ctx.has_target_fn:
-        grad_target = torch.where(owned, row_scale * at_target - coef, zeros)
-        replaced = torch.where(owned, zeros, at_target)
-    else:
-        grad_target = zeros
-        replaced = torch.where(owned, at_target - ctx.row_sum[a:b], at_target)
-    exps.scatter_(1, col, replaced.unsqueeze(1))
-    return grad_target
+    probs.scatter_(1, col, torch.where(owned, zeros, at_target).unsqueeze(1))
+    return torch.where(owned, row_scale * at_target - coef, zeros)
 
 
 def _target_backward(

@@ -50,11 +50,6 @@ class Margin:
     normalize_weight: bool = True
     scale: float = 1.0  # used only when normalize_features is True
 
-    @property
-    def transforms_target(self) -> bool:
-        """False when the target logit is the plain non-target formula (the head then skips it)."""
-        return True
-
     def target_logit(self, x: torch.Tensor, w: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Target logit of each row of raw embeddings x [n, D] against its raw class row w [n, D]."""
         cos, x_norm, w_norm = _cosine(x, w)
@@ -80,20 +75,12 @@ class Softmax(Margin):
     normalize_features: bool = False
     normalize_weight: bool = False
 
-    @property
-    def transforms_target(self) -> bool:
-        return False
-
 
 @dataclass(frozen=True)
 class NormFace(Margin):
     """NormFace: s * cos(theta_j) with x and W normalised, no margin."""
 
     scale: float = 64.0
-
-    @property
-    def transforms_target(self) -> bool:
-        return False
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,7 @@ class PartialFC(nn.Module):
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
-        target_fn = None
-        if self.margin.transforms_target:
-            target_fn = functools.partial(self.margin.target_logit, step=self.step)
+        target_fn = functools.partial(self.margin.target_logit, step=self.step)
         sink = functools.partial(self._record_grad, ids, leases)
         spec = ShardedSoftmaxSpec(
             self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,

@@ -64,24 +64,36 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         """Update the rows in blocks: gather W and state rows, finish the gradient, step, scatter back.
 
         Each block's rows, state and gradient stay in cache between the projection (if deferred), the
-        fused update and the write-back, and no [K, D] temporary is allocated per state variable.
+        fused update and the write-back; the block buffers are allocated once per optimizer.
         """
         weight = self.head.weight.detach()
         state = self.state[self.head.weight]
         buffers = [state[name] for name in self._active_state_names()]
         ids, grad, inv_norm = row_grad.ids, row_grad.grad, row_grad.inv_norm
+        blocks = self._block_buffers(len(buffers) + 2, weight)
         for a in range(0, grad.shape[0], UPDATE_BLOCK_ROWS):
-            b = a + UPDATE_BLOCK_ROWS
-            block_ids = None if ids is None else ids[a:b]
-            rows = weight[a:b] if block_ids is None else weight.index_select(0, block_ids)
-            block_state = [full[a:b] if block_ids is None else full.index_select(0, block_ids) for full in buffers]
+            b = min(a + UPDATE_BLOCK_ROWS, grad.shape[0])
+            scratch, rows, *block_state = (buf[: b - a] for buf in blocks)
+            if ids is None:
+                rows, block_state = weight[a:b], [full[a:b] for full in buffers]
+            else:
+                torch.index_select(weight, 0, ids[a:b], out=rows)
+                for full, out in zip(buffers, block_state):
+                    torch.index_select(full, 0, ids[a:b], out=out)
             if inv_norm is not None:
-                project_out_radial(grad[a:b], rows, inv_norm[a:b])
+                project_out_radial(grad[a:b], rows, inv_norm[a:b], scratch)
             self._update(rows, grad[a:b], block_state)
-            if block_ids is not None:
-                weight.index_copy_(0, block_ids, rows)
+            if ids is not None:
+                weight.index_copy_(0, ids[a:b], rows)
                 for full, rows_state in zip(buffers, block_state):
-                    full.index_copy_(0, block_ids, rows_state)
+                    full.index_copy_(0, ids[a:b], rows_state)
+
+    def _block_buffers(self, count: int, like: torch.Tensor) -> list[torch.Tensor]:
+        shape = (UPDATE_BLOCK_ROWS, like.shape[1])
+        cached = getattr(self, "_blocks", [])
+        if len(cached) != count or cached[0].shape != shape or cached[0].device != like.device:
+            self._blocks = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(count)]
+        return self._blocks
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         raise TypeError(f"{type(self).__name__} must define _update")
