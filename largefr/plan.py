@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from largefr.heads.row_grad import BLOCK_ROWS
 from largefr.heads.sampling import num_sampled, shard_range
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -76,7 +77,7 @@ def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
     terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
     if inp.sample_rate < 1.0:
         terms["head: gathered sampled rows"] = k * d * 4
-    if inp.sample_rate >= 1.0 or not single_chunk:  # otherwise the gradient overwrites the gathered rows
+    if not single_chunk:  # one chunk: the gradient stays factored (logits buffer x embeddings)
         terms["head: sampled-row gradient"] = k * d * 4
     if inp.precision != "fp32":
         terms["head: low-precision rows"] = k * d * 2
@@ -89,6 +90,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     plan.terms["head: W slice"] = rows * d * 4
     plan.terms["head: optimizer state"] = OPTIMIZER_STATES[inp.head_optimizer] * rows * d * 4
     plan.terms.update(head_workspace_bytes(inp))
+    block_rows = min(BLOCK_ROWS, sampled_rows(inp))
+    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * block_rows * d * 4
     if inp.backbone:
         _add_backbone(plan, inp)
     else:

@@ -193,7 +193,7 @@ def test_gradient_accumulation_sums_row_gradients() -> None:
     for half in (slice(0, 6), slice(6, 12)):
         head(x[half], labels[half]).backward()
         record = head._pending[-1]
-        head._finish_projection(record)
+        record.materialize(head.weight.detach())
         parts.append((head.sampled_class_ids.clone(), record.grad.clone()))
     merged = head.row_grad()
     dense = torch.zeros(40, DIM)

@@ -17,12 +17,14 @@ from largefr.distributed.env import (
     init_from_env,
     shutdown,
 )
-from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec, project_out_radial
+from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
+from largefr.distributed.weight_grad import WeightGrad, project_out_radial
 
 __all__ = [
     "DistContext",
     "ShardedMarginSoftmaxCE",
     "ShardedSoftmaxSpec",
+    "WeightGrad",
     "all_gather_rows",
     "all_reduce_",
     "allreduce_sum_hook",

@@ -18,11 +18,12 @@ buffer. Target entries are zeroed in the buffer and their gradient c_i p_iy - 1/
 target function. Through the row normalisation the gradient is analytic: with u_j = sum_i G_ij x_i / ||W_j||
 (what GEMM3 gives once the buffer's columns are scaled), dL/dW_j = u_j - W_j (u_j . W_j) / ||W_j||^2.
 
-The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` (the head's row-sparse
-gradient record), so no dense slice-sized gradient is ever accumulated by autograd. For weight-normalised
-margins it is handed over before the radial projection (u_j plus the target rows' gradient, which is
-already orthogonal to W_j), with 1/||W_j||, so the optimizer can apply ``project_out_radial`` block by
-block while the rows are in cache.
+The target logit is a function of (||x_i||, ||W_y||, x_i . W_y) only, so its gradient with respect to W_y
+is a_i x_i + b_i W_y: a_i is folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
+
+The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` in factored form
+(largefr.distributed.weight_grad.WeightGrad), so no dense slice-sized gradient is ever accumulated by
+autograd and the optimizer can form it block by block while the rows are in cache.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ import torch
 from torch.distributed import ProcessGroup, ReduceOp
 
 from largefr.distributed.collectives import all_reduce_
+from largefr.distributed.weight_grad import WeightGrad
 
-TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# target logit from (||x||, ||W_y||, x . W_y), each [n]
+TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,14 +45,12 @@ class ShardedSoftmaxSpec:
     group: ProcessGroup | None
     num_rows: int  # global batch size N; the loss is the mean over it
     normalize_weight: bool
-    target_fn: TargetFn  # target logit of raw rows (x [n, D], W_y [n, D]) -> [n]
+    target_fn: TargetFn
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
     workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
-    # receives (gradient rows [K, D] fp32, their lease, 1/||W_j|| or None). When the third argument is
-    # set, the rows still need project_out_radial (deferred so the optimizer can fuse it with its update).
-    grad_sink: Callable[[torch.Tensor, Any, torch.Tensor | None], None]
+    # receives the W-rows gradient and the workspace leases its tensors live in
+    grad_sink: Callable[[WeightGrad, tuple[Any, ...]], None]
     w_inv_norm: torch.Tensor | None = None  # 1/||W_j|| of w_rows when the caller already has it
-    rows_are_scratch: bool = False  # w_rows is a gathered copy that backward may overwrite
 
 
 def _gemm_dtype(device: torch.device) -> torch.dtype | None:
@@ -87,17 +88,29 @@ def _target_column(target_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return owned, target_col.clamp_min(0).unsqueeze(1)
 
 
-def _target_graph(
-    target_fn: TargetFn, x_raw: torch.Tensor, w_rows: torch.Tensor, target_col: torch.Tensor
+def _target_stats(x_raw: torch.Tensor, w_rows: torch.Tensor, target_col: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each row's target class row W_y [N, D] and the target function's inputs ||x||, ||W_y||, x . W_y."""
+    if w_rows.shape[0] > 0:
+        w_target = w_rows.index_select(0, target_col.clamp_min(0))
+    else:
+        w_target = torch.zeros_like(x_raw)
+    return {
+        "w_target": w_target,
+        "x_norm": torch.linalg.vector_norm(x_raw, dim=1).clamp_min_(1e-12),
+        "w_norm": torch.linalg.vector_norm(w_target, dim=1).clamp_min_(1e-12),
+        "dot": (x_raw * w_target).sum(dim=1),
+    }
+
+
+def _target_input_grads(
+    ctx: Any, a: int, b: int, grad_target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Target logits [n] with their (detached leaf) inputs, for forward values or backward grads."""
+    """d(target logit)/d(||x||, ||W_y||, x . W_y) for rows [a, b), times grad_target."""
     with torch.enable_grad():
-        x = x_raw.detach().requires_grad_(True)
-        if w_rows.shape[0] > 0:
-            w = w_rows.index_select(0, target_col.clamp_min(0)).requires_grad_(True)
-        else:
-            w = w_rows.new_zeros(x.shape).requires_grad_(True)
-        return target_fn(x, w).float(), x, w
+        inputs = [ctx.stats[k][a:b].detach().requires_grad_(True) for k in ("x_norm", "w_norm", "dot")]
+        target = ctx.spec.target_fn(*inputs).float()
+        grads = torch.autograd.grad(target, inputs, grad_target, allow_unused=True)
+    return tuple(torch.zeros_like(grad_target) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
 def _local_softmax_(ctx: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
@@ -173,7 +186,10 @@ def _forward(
         ctx.w_gemm, lease = ws.take("w_gemm", tuple(w_rows.shape), gemm_dtype, device)
         ctx.w_gemm.copy_(w_rows)
         ctx.leases.append(lease)
-    ctx.target_value = _target_graph(spec.target_fn, x_raw, w_rows, target_col)[0].detach()
+    ctx.stats = _target_stats(x_raw, w_rows, target_col)
+    ctx.target_value = spec.target_fn(ctx.stats["x_norm"], ctx.stats["w_norm"], ctx.stats["dot"]).float()
+    # x_raw_i = kappa_i x_op_i: converts the target's "a x_raw" weight gradient to the GEMM operand
+    ctx.kappa = ctx.stats["x_norm"] / torch.linalg.vector_norm(x_op, dim=1).clamp_min(1e-12)
 
     chunks = _Chunks(num_rows, spec.chunk_rows)
     buffer, lease = ws.take("logits", (chunks.size, num_cols), torch.float32, device)
@@ -218,60 +234,62 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     coef = grad_loss.float() / num_rows
     grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
     grad_x_raw = torch.zeros_like(ctx.x_raw)
-    target_grads = []
-    # With one chunk and scratch rows, the weight gradient overwrites the gathered rows after their
-    # last use (GEMM2): one [K, D] buffer instead of two.
-    if spec.rows_are_scratch and ctx.chunks.single and num_rows > 0:
-        grad_w, grad_w_lease = ctx.w_rows, None
-    else:
-        grad_w, grad_w_lease = ws.take("grad_w", tuple(ctx.w_rows.shape), torch.float32, device)
+    beta = torch.zeros(num_cols, device=device)
+    leases: tuple[Any, ...] = tuple(ctx.leases)
+    dense = None
     if ctx.chunks.single:
         buffer = ctx.probs
-    else:
+    else:  # the buffer is reused per chunk, so the x-side sum must be formed here
         buffer, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
-    for i, (a, b) in enumerate(ctx.chunks.ranges):
+        dense, dense_lease = ws.take("grad_w", (num_cols, ctx.x_gemm.shape[1]), torch.float32, device)
+        dense.zero_()
+        leases = (dense_lease,)
+    for a, b in ctx.chunks.ranges:
         probs = buffer[: b - a]
         if not ctx.chunks.single:
             _local_softmax_(ctx, a, b, probs)
-        row_scale = coef * ctx.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
-        if num_cols:
-            grad_target = _take_target_entries(ctx, a, b, probs, row_scale, coef)
-            target_grads.append(_target_backward(ctx, a, b, grad_target, grad_x_raw))
-        if ctx.inv_norm is not None:
-            probs.mul_(ctx.inv_norm)
-        grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
-        _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
-        grad_x_op[a:b].mul_(row_scale.unsqueeze(1))
-        x_scaled = ctx.x_gemm[a:b] * row_scale.unsqueeze(1).to(ctx.x_gemm.dtype)
-        _mm_into(grad_logits.t(), x_scaled, grad_w, accumulate=i > 0)
-    if num_rows == 0:
-        grad_w.zero_()
-    for cols, rows_grad in target_grads:
-        grad_w.index_add_(0, cols, rows_grad)
-    inv_norm = ctx.inv_norm
+        _chunk_backward(ctx, a, b, probs, coef, grad_x_op, grad_x_raw, beta)
+        if dense is not None:
+            _mm_into(probs.t() if ctx.x_gemm.dtype == torch.float32 else probs.t().to(ctx.x_gemm.dtype),
+                     ctx.x_gemm[a:b], dense, accumulate=True)
+    factor = buffer if dense is None else None
+    weight_grad = WeightGrad(beta, ctx.inv_norm, factor=factor, x=ctx.x_gemm.detach(), dense=dense)
     _release(ctx)
-    spec.grad_sink(grad_w, grad_w_lease, inv_norm)
+    spec.grad_sink(weight_grad, leases)
     return grad_x_op, grad_x_raw
+
+
+def _chunk_backward(
+    ctx: Any, a: int, b: int, probs: torch.Tensor, coef: torch.Tensor,
+    grad_x_op: torch.Tensor, grad_x_raw: torch.Tensor, beta: torch.Tensor,
+) -> None:
+    """Rows [a, b): x gradients, and the buffer turned into this chunk's factor G of the W gradient."""
+    row_scale = coef * ctx.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
+    if probs.shape[1]:
+        owned, col = _target_column(ctx.target_col[a:b])
+        grad_target = _take_target_entries(ctx, a, b, probs, row_scale, coef)
+        d_xnorm, d_wnorm, d_dot = _target_input_grads(ctx, a, b, grad_target)
+        stats = ctx.stats
+        grad_x_raw[a:b] = d_dot.unsqueeze(1) * stats["w_target"][a:b] + (d_xnorm / stats["x_norm"][a:b]).unsqueeze(
+            1
+        ) * ctx.x_raw[a:b]
+    probs.mul_(row_scale.unsqueeze(1))
+    if ctx.inv_norm is not None:
+        probs.mul_(ctx.inv_norm)
+    grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
+    _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
+    if probs.shape[1]:
+        # the target's W gradient d_dot x_raw + (d_wnorm / ||W_y||) W_y: x part into the zeroed entry
+        # (rows owned elsewhere point at column 0 and must keep its value)
+        current = probs.gather(1, col).squeeze(1)
+        probs.scatter_(1, col, torch.where(owned, d_dot * ctx.kappa[a:b], current).unsqueeze(1))
+        beta.index_add_(0, col.squeeze(1), torch.where(owned, d_wnorm / stats["w_norm"][a:b], torch.zeros_like(d_dot)))
 
 
 def _release(ctx: Any) -> None:
     """Drop every buffer and the spec, so a graph kept alive by the caller pins no workspace slot."""
-    ctx.probs = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = None
+    ctx.probs = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = ctx.stats = None
     ctx.leases = []
-
-
-def project_out_radial(
-    grad_w: torch.Tensor, w_rows: torch.Tensor, inv_norm: torch.Tensor, scratch: torch.Tensor | None = None
-) -> None:
-    """grad_w_j -= w_j (grad_w_j . w_j) / ||w_j||^2 in place: the chain rule through w / ||w||.
-
-    Given u_j = dL/d(w_j/||w_j||) / ||w_j|| (what backward leaves for weight-normalised margins), this
-    yields dL/dw_j = (I - w_j w_j^T / ||w_j||^2) u_j. Callers pass row blocks that fit in cache, and
-    optionally a scratch tensor of grad_w's shape for the elementwise product.
-    """
-    product = torch.mul(grad_w, w_rows, out=scratch) if scratch is not None else grad_w * w_rows
-    dots = product.sum(dim=1)
-    grad_w.addcmul_(w_rows, (dots * inv_norm.square()).unsqueeze(1), value=-1.0)
 
 
 def _take_target_entries(
@@ -287,18 +305,3 @@ def _take_target_entries(
     zeros = torch.zeros_like(at_target)
     probs.scatter_(1, col, torch.where(owned, zeros, at_target).unsqueeze(1))
     return torch.where(owned, row_scale * at_target - coef, zeros)
-
-
-def _target_backward(
-    ctx: Any, a: int, b: int, grad_target: torch.Tensor, grad_x_raw: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Back-propagate rows [a, b) of the target logits; returns (columns, W-row grads) to add later.
-
-    For weight-normalised margins the target depends on W_y only through its direction, so its
-    gradient is already orthogonal to W_y and the later radial projection leaves it unchanged.
-    """
-    cols = ctx.target_col[a:b].clamp_min(0)
-    target, x, w = _target_graph(ctx.spec.target_fn, ctx.x_raw[a:b], ctx.w_rows, ctx.target_col[a:b])
-    grad_x, grad_wt = torch.autograd.grad(target, (x, w), grad_target)
-    grad_x_raw[a:b] = grad_x
-    return cols, grad_wt

@@ -20,14 +20,6 @@ import torch
 _COS_EPS = 1e-6
 
 
-def _cosine(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos(theta) between rows of x and w, with ||x|| and ||w|| (all [n])."""
-    x_norm = torch.linalg.vector_norm(x, dim=1)
-    w_norm = torch.linalg.vector_norm(w, dim=1)
-    cos = (x * w).sum(dim=1) / (x_norm * w_norm).clamp_min(1e-12)
-    return cos, x_norm, w_norm
-
-
 def _theta(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
 
@@ -52,7 +44,18 @@ class Margin:
 
     def target_logit(self, x: torch.Tensor, w: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Target logit of each row of raw embeddings x [n, D] against its raw class row w [n, D]."""
-        cos, x_norm, w_norm = _cosine(x, w)
+        x_norm, w_norm = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(w, dim=1)
+        return self.target_from_stats(x_norm, w_norm, (x * w).sum(dim=1), step)
+
+    def target_from_stats(
+        self, x_norm: torch.Tensor, w_norm: torch.Tensor, dot: torch.Tensor, step: int = 0
+    ) -> torch.Tensor:
+        """The same target logit from ||x||, ||w|| and x . w ([n] each).
+
+        Every margin depends on x and w only through these three numbers, so its gradient with respect
+        to w is a x + b w: the sharded head uses that to fold the target's weight gradient into its GEMMs.
+        """
+        cos = dot / (x_norm * w_norm).clamp_min(1e-12)
         return self.row_scale(x_norm, w_norm) * self.target_cosine(cos, step)
 
     def row_scale(self, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed import (
     ShardedMarginSoftmaxCE,
-    project_out_radial,
+    WeightGrad,
     ShardedSoftmaxSpec,
     all_gather_rows,
     gather_rows_with_grad,
@@ -26,26 +26,9 @@ from largefr.distributed import (
     group_size,
 )
 from largefr.heads.margins import Margin
+from largefr.heads.row_grad import BLOCK_ROWS, RowGrad, merge_row_grads
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.workspace import Lease, Workspace
-
-
-GATHER_BLOCK_ROWS = 2048
-
-
-@dataclass
-class RowGrad:
-    """Gradient of the loss for some rows of this rank's W slice.
-
-    ids: local row indices (sorted), or None for every row; grad: [len(ids) or slice rows, D] fp32.
-    inv_norm: when set, ``grad`` still lacks the radial projection through W/||W|| (see
-    largefr.distributed.margin_softmax.project_out_radial), to be applied with these 1/||W_j||.
-    """
-
-    ids: torch.Tensor | None
-    grad: torch.Tensor
-    inv_norm: torch.Tensor | None = None
-    leases: tuple[Lease, ...] = ()
 
 
 class PartialFC(nn.Module):
@@ -111,11 +94,11 @@ class PartialFC(nn.Module):
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
-        target_fn = functools.partial(self.margin.target_logit, step=self.step)
-        sink = functools.partial(self._record_grad, ids, leases)
+        target_fn = functools.partial(self.margin.target_from_stats, step=self.step)
+        sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
         spec = ShardedSoftmaxSpec(
             self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
-            self.chunk_rows, self._workspace, sink, inv_norm, rows_are_scratch=ids is not None,
+            self.chunk_rows, self._workspace, sink, inv_norm,
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
         if self.training:
@@ -135,11 +118,11 @@ class PartialFC(nn.Module):
         rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
         inv_norm = torch.empty(ids.numel(), device=weight.device) if self.margin.normalize_weight else None
         # gather in blocks so each block's norms are taken while it is still in cache
-        for a in range(0, ids.numel(), GATHER_BLOCK_ROWS):
-            block = rows[a : a + GATHER_BLOCK_ROWS]
-            torch.index_select(weight, 0, ids[a : a + GATHER_BLOCK_ROWS], out=block)
+        for a in range(0, ids.numel(), BLOCK_ROWS):
+            block = rows[a : a + BLOCK_ROWS]
+            torch.index_select(weight, 0, ids[a : a + BLOCK_ROWS], out=block)
             if inv_norm is not None:
-                torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + GATHER_BLOCK_ROWS])
+                torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + BLOCK_ROWS])
         if inv_norm is not None:
             inv_norm.clamp_min_(1e-12).reciprocal_()
         self.sampled_class_ids = ids + start
@@ -151,37 +134,27 @@ class PartialFC(nn.Module):
         return self._generator
 
     def _record_grad(
-        self, ids: torch.Tensor | None, leases: tuple[Lease, ...],
-        grad: torch.Tensor, grad_lease: Lease | None, inv_norm: torch.Tensor | None,
+        self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
+        weight_grad: WeightGrad, grad_leases: tuple[Lease, ...],
     ) -> None:
-        held = leases if grad_lease is None else (*leases, grad_lease)
-        self._pending.append(RowGrad(ids, grad, inv_norm, held))
+        self._pending.append(RowGrad(ids, rows, factored=weight_grad, leases=(*leases, *grad_leases)))
 
     def row_grad(self) -> RowGrad | None:
-        """The W gradient accumulated since the last zero_grad, merged over backward passes."""
+        """The W gradient accumulated since the last zero_grad, merged over backward passes and formed."""
         if not self._pending:
             return None
-        for record in self._pending:
-            self._finish_projection(record)
         if len(self._pending) > 1:
-            self._pending = [_merge_row_grads(self._pending, self.num_local_classes)]
+            self._pending = [merge_row_grads(self._pending, self.weight.detach())]
+        self._pending[0].materialize(self.weight.detach())
         return self._pending[0]
 
     def take_row_grad(self) -> RowGrad | None:
-        """Pending gradient for an optimizer, possibly with its radial projection still deferred."""
-        grad = self._pending[0] if len(self._pending) == 1 else self.row_grad()
+        """Hand the pending gradient to an optimizer (still factored when there was one backward pass)."""
+        if len(self._pending) > 1:
+            self._pending = [merge_row_grads(self._pending, self.weight.detach())]
+        grad = self._pending[0] if self._pending else None
         self._pending = []
         return grad
-
-    def _finish_projection(self, record: RowGrad) -> None:
-        if record.inv_norm is None:
-            return
-        weight = self.weight.detach()
-        for a in range(0, record.grad.shape[0], GATHER_BLOCK_ROWS):
-            b = a + GATHER_BLOCK_ROWS
-            rows = weight[a:b] if record.ids is None else weight.index_select(0, record.ids[a:b])
-            project_out_radial(record.grad[a:b], rows, record.inv_norm[a:b])
-        record.inv_norm = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending = []
@@ -251,17 +224,3 @@ def _check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: i
         raise ValueError(f"label {bad} is outside [0, num_classes={num_classes})")
     if not finite:
         raise ValueError("embeddings contain NaN or Inf")
-
-
-def _merge_row_grads(grads: list[RowGrad], num_rows: int) -> RowGrad:
-    """Sum several backward passes' row gradients (gradient accumulation) into one record."""
-    if all(g.ids is None for g in grads):
-        total = grads[0].grad.clone()
-        for g in grads[1:]:
-            total.add_(g.grad)
-        return RowGrad(None, total)
-    ids = torch.cat([g.ids if g.ids is not None else torch.arange(num_rows, device=g.grad.device) for g in grads])
-    unique_ids, inverse = torch.unique(ids, return_inverse=True)
-    total = grads[0].grad.new_zeros(unique_ids.numel(), grads[0].grad.shape[1])
-    total.index_add_(0, inverse, torch.cat([g.grad for g in grads]))
-    return RowGrad(unique_ids, total)

@@ -21,11 +21,11 @@ import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-from largefr.distributed import project_out_radial
-from largefr.heads.partial_fc import PartialFC, RowGrad
+from largefr.heads.partial_fc import PartialFC
+from largefr.heads.row_grad import BLOCK_ROWS, RowGrad
 
 
-UPDATE_BLOCK_ROWS = 2048
+UPDATE_BLOCK_ROWS = BLOCK_ROWS
 
 
 def _fused_ok(device: torch.device) -> bool:
@@ -61,28 +61,26 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _apply(self, row_grad: RowGrad) -> None:
-        """Update the rows in blocks: gather W and state rows, finish the gradient, step, scatter back.
+        """Update the rows in blocks: form the block's gradient, gather its state, step, scatter back.
 
-        Each block's rows, state and gradient stay in cache between the projection (if deferred), the
-        fused update and the write-back; the block buffers are allocated once per optimizer.
+        Each block's rows, gradient and state stay in cache from the gradient's formation (a small GEMM
+        when it is still factored, plus the radial projection) through the fused update to the
+        write-back; the block buffers are allocated once per optimizer.
         """
         weight = self.head.weight.detach()
         state = self.state[self.head.weight]
         buffers = [state[name] for name in self._active_state_names()]
-        ids, grad, inv_norm = row_grad.ids, row_grad.grad, row_grad.inv_norm
-        blocks = self._block_buffers(len(buffers) + 2, weight)
-        for a in range(0, grad.shape[0], UPDATE_BLOCK_ROWS):
-            b = min(a + UPDATE_BLOCK_ROWS, grad.shape[0])
-            scratch, rows, *block_state = (buf[: b - a] for buf in blocks)
+        ids = row_grad.ids
+        scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight)
+        for a in range(0, row_grad.num_rows, UPDATE_BLOCK_ROWS):
+            b = min(a + UPDATE_BLOCK_ROWS, row_grad.num_rows)
+            rows = row_grad.weight_rows(weight, a, b, out=rows_buf[: b - a])
+            grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])
             if ids is None:
-                rows, block_state = weight[a:b], [full[a:b] for full in buffers]
+                block_state = [full[a:b] for full in buffers]
             else:
-                torch.index_select(weight, 0, ids[a:b], out=rows)
-                for full, out in zip(buffers, block_state):
-                    torch.index_select(full, 0, ids[a:b], out=out)
-            if inv_norm is not None:
-                project_out_radial(grad[a:b], rows, inv_norm[a:b], scratch)
-            self._update(rows, grad[a:b], block_state)
+                block_state = [torch.index_select(full, 0, ids[a:b], out=out[: b - a]) for full, out in zip(buffers, state_bufs)]
+            self._update(rows, grad, block_state)
             if ids is not None:
                 weight.index_copy_(0, ids[a:b], rows)
                 for full, rows_state in zip(buffers, block_state):

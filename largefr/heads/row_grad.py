@@ -1,0 +1,81 @@
+"""The head's row-sparse W gradient: which rows, their values (factored or materialised), and merging."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from largefr.distributed import WeightGrad
+from largefr.heads.workspace import Lease
+
+BLOCK_ROWS = 2048  # rows per cache-sized block when forming or applying the gradient
+
+
+@dataclass
+class RowGrad:
+    """Gradient of the loss for some rows of this rank's W slice.
+
+    ids: local row indices (sorted), or None for every row of the slice.
+    rows: the W rows at ``ids`` gathered in the forward (still equal to W's rows until an optimizer
+        updates them), or None (every row, or gathered again when needed).
+    factored / grad: the gradient, either factored (largefr.distributed.WeightGrad, formed block by block
+        by the optimizer) or materialised [len(ids), D] fp32. Exactly one is set.
+    """
+
+    ids: torch.Tensor | None
+    rows: torch.Tensor | None
+    factored: WeightGrad | None = None
+    grad: torch.Tensor | None = None
+    leases: tuple[Lease, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.factored is None) == (self.grad is None):
+            raise ValueError("a RowGrad holds exactly one of a factored or a materialised gradient")
+
+    @property
+    def num_rows(self) -> int:
+        return self.grad.shape[0] if self.grad is not None else self.factored.num_rows  # type: ignore[union-attr]
+
+    def weight_rows(self, weight: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W rows [a, b) of this gradient: a view when possible, else gathered into ``out``."""
+        if self.rows is not None:
+            return self.rows[a:b]
+        if self.ids is None:
+            return weight[a:b]
+        return torch.index_select(weight, 0, self.ids[a:b], out=out) if out is not None else weight.index_select(0, self.ids[a:b])
+
+    def grad_block(
+        self, a: int, b: int, rows: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Gradient rows [a, b) (``rows`` are the matching W rows); ``out`` is used when it must be formed."""
+        if self.grad is not None:
+            return self.grad[a:b]
+        assert self.factored is not None
+        return self.factored.block(a, b, rows, out, scratch)
+
+    def materialize(self, weight: torch.Tensor) -> None:
+        """Form the whole gradient (for inspection, loss scaling or merging)."""
+        if self.grad is not None:
+            return
+        grad = torch.empty(self.num_rows, weight.shape[1], dtype=torch.float32, device=weight.device)
+        for a in range(0, self.num_rows, BLOCK_ROWS):
+            b = min(a + BLOCK_ROWS, self.num_rows)
+            self.grad_block(a, b, self.weight_rows(weight, a, b), grad[a:b])
+        self.grad, self.factored = grad, None
+
+
+def merge_row_grads(grads: list[RowGrad], weight: torch.Tensor) -> RowGrad:
+    """Sum several backward passes' row gradients (gradient accumulation) into one record."""
+    for g in grads:
+        g.materialize(weight)
+    if all(g.ids is None for g in grads):
+        total = grads[0].grad.clone()  # type: ignore[union-attr]
+        for g in grads[1:]:
+            total.add_(g.grad)  # type: ignore[arg-type]
+        return RowGrad(None, None, grad=total)
+    device = weight.device
+    ids = torch.cat([g.ids if g.ids is not None else torch.arange(weight.shape[0], device=device) for g in grads])
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    total = torch.zeros(unique_ids.numel(), weight.shape[1], device=device)
+    total.index_add_(0, inverse, torch.cat([g.grad for g in grads]))  # type: ignore[misc]
+    return RowGrad(unique_ids, None, grad=total)
