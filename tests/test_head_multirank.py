@@ -84,9 +84,11 @@ def test_matches_reference_uneven_and_four_ranks(world_size: int) -> None:
     _check_world(world_size)
 
 
-def _run_sgd_steps(ctx: Any, steps: int, rate: float) -> dict[str, Any]:
-    x_all, labels_all = global_batch(ctx.world_size)
-    rows = slice(ctx.rank * BATCH, (ctx.rank + 1) * BATCH)
+def _run_sgd_steps(ctx: Any, batch_world: int, steps: int, rate: float) -> dict[str, Any]:
+    """SGD steps on the global batch of ``batch_world`` ranks, split evenly over this job's ranks."""
+    x_all, labels_all = global_batch(batch_world)
+    per_rank = x_all.shape[0] // ctx.world_size
+    rows = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
     head = PartialFC(ALL_MARGINS[6], DIM, NUM_CLASSES, rate, ctx.group, seed=SEED)
     opt = head.optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=5e-4)
     losses = []
@@ -103,26 +105,8 @@ def _run_sgd_steps(ctx: Any, steps: int, rate: float) -> dict[str, Any]:
 @pytest.mark.slow
 def test_training_steps_identical_across_world_sizes() -> None:
     """Three SGD steps at r = 1 give the same W and losses on 1 and 3 ranks (same global batch)."""
-    x3, _ = global_batch(3)
-    one = run_ranks(_run_sgd_steps_on_world3_batch, 1)[0]
-    three = run_ranks(_run_sgd_steps, 3, 3, 1.0)
+    one = run_ranks(_run_sgd_steps, 1, 3, 3, 1.0)[0]
+    three = run_ranks(_run_sgd_steps, 3, 3, 3, 1.0)
     torch.testing.assert_close(torch.cat([r["weight"] for r in three]), one["weight"], rtol=1e-4, atol=1e-6)
     for r in three:
         assert r["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    assert x3.shape[0] == 3 * BATCH
-
-
-def _run_sgd_steps_on_world3_batch(ctx: Any) -> dict[str, Any]:
-    """One rank holding the concatenated batch of the 3-rank run."""
-    x_all, labels_all = global_batch(3)
-    head = PartialFC(ALL_MARGINS[6], DIM, NUM_CLASSES, 1.0, ctx.group, seed=SEED)
-    opt = head.optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for step in range(3):
-        x = (x_all * (1 + 0.1 * step)).requires_grad_(True)
-        loss = head(x, labels_all)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return dict(losses=losses, weight=head.weight.detach().clone())
