@@ -12,6 +12,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("largefr.bench.cli", "benchmarks: head, data (ratios measured in one run)"),
+    "synth": ("largefr.data.cli_synth", "synthetic face identities: train shards + held-out verification pairs"),
+    "convert": ("largefr.data.cli_convert", "convert insightface .rec/.idx or a folder per identity into shards"),
     "eval": ("largefr.eval.cli", "verification .bin sets: 10-fold accuracy, TAR@FAR, ROC plots"),
     "export": ("largefr.eval.export", "export a checkpoint's backbone (onnx)"),
     "plan": ("largefr.plan", "memory per rank of a configuration (head slice, optimizer, workspace, backbone)"),

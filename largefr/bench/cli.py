@@ -7,6 +7,7 @@ import importlib
 # benchmark name -> module
 BENCHMARKS: dict[str, str] = {
     "head": "largefr.bench.head",
+    "data": "largefr.bench.data",
 }
 
 

@@ -1,0 +1,261 @@
+"""The loader interface shared by the DALI and the torch loader, and :func:`build_loader`.
+
+Usage by a trainer::
+
+    loader = build_loader(data_dir, batch_size=128, rank=ctx.rank, world_size=ctx.world_size,
+                          seed=cfg.seed, device=ctx.device, kind="auto", num_threads=4)
+    loader.load_state_dict(ckpt["loader"])           # optional: resume mid-epoch
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)                        # keeps the position when resuming this epoch
+        for images, labels in loader:                  # [B,3,H,W] float32 in [-1,1], [B] int64
+            ...
+            ckpt["loader"] = loader.state_dict()       # per rank: (epoch, step, position, skipped)
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, NamedTuple
+
+import torch
+
+from largefr.data.manifest import Manifest, read_manifest
+from largefr.data.plan import EpochPlan
+
+log = logging.getLogger("largefr.data")
+
+LOADER_KINDS = ("auto", "dali", "torch")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Settings common to both loaders (see :func:`build_loader`)."""
+
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    num_threads: int = 2
+    prefetch: int = 2
+    shuffle_buffer: int = 0
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("world_size", 1), ("seed", 0), ("num_threads", 0),
+                          ("prefetch", 1), ("shuffle_buffer", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if not isinstance(self.device, torch.device):
+            raise TypeError(f"device must be a torch.device, got {type(self.device).__name__} {self.device!r}")
+
+
+@dataclass
+class LoaderState:
+    """Position of one rank: ``step`` batches of ``epoch`` consumed, which used rank positions
+    ``[0, position)`` (``position - step*batch_size`` of them were corrupt and skipped)."""
+
+    epoch: int = 0
+    step: int = 0
+    position: int = 0
+    skipped: int = 0
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    position: int
+    skipped: int
+
+
+class FaceLoader(abc.ABC):
+    """One epoch per iteration of equal-size batches ``(images, labels)`` for this rank.
+
+    ``images`` is float32 [B, 3, H, W] in [-1, 1] on ``config.device``, ``labels`` int64 [B] on the same
+    device. ``len(loader)`` is the number of batches per epoch, equal on every rank. Finishing an epoch
+    advances the state to the next epoch; ``set_epoch(e)`` selects epoch ``e`` (from its start unless
+    the state is already inside epoch ``e``, as after ``load_state_dict``). ``skipped`` counts corrupt
+    or undecodable samples skipped so far (each one is also logged).
+    """
+
+    kind: str = ""
+
+    def __init__(self, manifest: Manifest, config: LoaderConfig) -> None:
+        self.manifest = manifest
+        self.config = config
+        self._state = LoaderState()
+        manifest.check_files()
+        self._plan(0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def skipped(self) -> int:
+        return self._state.skipped
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        c = self.config
+        return EpochPlan(tuple(self.manifest.shard_counts), c.seed, epoch, c.rank, c.world_size, c.batch_size)
+
+    def __len__(self) -> int:
+        return (self.manifest.num_samples // self.config.world_size) // self.config.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if epoch != self._state.epoch:
+            self._state = LoaderState(epoch=epoch, skipped=self._state.skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {**asdict(self._state), "world_size": c.world_size, "batch_size": c.batch_size, "seed": c.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at (epoch, step). Saved with another world size or batch size, the epoch is kept and
+        the step rescaled by the global samples consumed (the exact position is then unknown)."""
+        try:
+            epoch, step, position = int(state["epoch"]), int(state["step"]), int(state["position"])
+            skipped = int(state.get("skipped", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"loader state {state!r} lacks integer epoch/step/position") from exc
+        c = self.config
+        if (state.get("world_size", c.world_size), state.get("batch_size", c.batch_size)) != (c.world_size, c.batch_size):
+            consumed = step * int(state["world_size"]) * int(state["batch_size"])
+            step = consumed // (c.world_size * c.batch_size)
+            position = step * c.batch_size
+        if not 0 <= step <= len(self):
+            raise ValueError(f"loader state step={step} is outside [0, {len(self)}] batches per epoch")
+        self._state = LoaderState(epoch, step, position, skipped)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        state = self._state
+        plan = self._plan(state.epoch)
+        skipped_before = state.skipped
+        if state.step < plan.steps:
+            batches = self._batches(plan, state.position, state.step)
+            try:
+                for batch in batches:
+                    state.step += 1
+                    state.position = batch.position
+                    state.skipped += batch.skipped
+                    yield batch.images, batch.labels
+                    if state.step >= plan.steps:
+                        break
+            finally:
+                batches.close()
+        if state.skipped > skipped_before:
+            log.warning("rank %d epoch %d: skipped %d corrupt samples (%d in total)", self.config.rank,
+                        state.epoch, state.skipped - skipped_before, state.skipped)
+        self._state = LoaderState(epoch=state.epoch + 1, skipped=state.skipped)
+
+    @abc.abstractmethod
+    def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
+        """Yield the batches ``step, step+1, ...`` of the epoch, reading from rank position ``position``."""
+
+
+def parse_label(raw: bytes, num_classes: int) -> int | None:
+    """The class id of a ``.cls`` payload, or None when it is not a decimal in [0, num_classes)."""
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 18:
+        return None
+    value = int(text)
+    return value if value < num_classes else None
+
+
+class BufferPool:
+    """Output tensors reused once the consumer holds no reference (no tensor, view or autograd save) to
+    them. A fresh CPU batch costs more than filling it: a new 38 MB tensor is page-faulted in on every
+    batch. Device tensors come from the caching allocator and are not pooled."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self._buffers: list[torch.Tensor] = []
+        self._refs, self._uses = 0, 0
+        if hasattr(torch._C, "_storage_Use_Count"):
+            self._buffers.append(torch.empty(1))
+            self._refs, self._uses = self._counts(0)  # the counts of a buffer nobody else holds
+            self._buffers.clear()
+
+    def _counts(self, i: int) -> tuple[int, int]:
+        buffer = self._buffers[i]
+        return sys.getrefcount(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu" or not self._refs:
+            return torch.empty(shape, dtype=dtype, device=device)
+        for i in range(len(self._buffers)):
+            same = tuple(self._buffers[i].shape) == shape and self._buffers[i].dtype == dtype
+            if same and self._counts(i) <= (self._refs, self._uses):
+                return self._buffers[i]
+        fresh = torch.empty(shape, dtype=dtype)
+        if len(self._buffers) < self.size:
+            self._buffers.append(fresh)
+        return fresh
+
+
+def normalise_images(images_nchw: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 [B,3,H,W] in [-1,1] on ``device``."""
+    out = pool.get(tuple(images_nchw.shape), torch.float32, device)
+    out.copy_(images_nchw.to(device, non_blocking=True))
+    return out.mul_(1.0 / 127.5).sub_(1.0)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(
+    source: str | os.PathLike[str] | Manifest,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    kind: str = "auto",
+    num_threads: int = 2,
+    prefetch: int = 2,
+    shuffle_buffer: int = 0,
+    flip: bool = True,
+) -> FaceLoader:
+    """A loader over the dataset directory ``source`` (or its manifest) for this rank.
+
+    kind: "dali" (``fn.readers.webdataset``; CPU decoding when ``device.type == "cpu"``, nvJPEG "mixed"
+    decoding on ``device`` otherwise), "torch" (PIL in ``num_threads`` DataLoader worker processes) or
+    "auto" (dali when ``nvidia.dali`` imports, else torch). num_threads: DALI threads / torch workers
+    (0: decode in this process). prefetch: batches prepared ahead. shuffle_buffer: DALI only, extra
+    in-pipeline shuffle of that many samples (0: the exact planned order; see docs/data_format.md).
+    flip: random horizontal flip. Raises if a shard is missing or truncated, naming it.
+    """
+    if kind not in LOADER_KINDS:
+        raise ValueError(f"loader kind {kind!r} is not one of {LOADER_KINDS}")
+    manifest = source if isinstance(source, Manifest) else read_manifest(source)
+    config = LoaderConfig(batch_size, rank, world_size, seed, device, num_threads, prefetch, shuffle_buffer, flip)
+    if kind == "auto":
+        kind = "dali" if dali_available() else "torch"
+    if kind == "dali":
+        from largefr.data.dali_loader import DaliLoader
+
+        return DaliLoader(manifest, config)
+    from largefr.data.torch_loader import TorchLoader
+
+    if shuffle_buffer:
+        raise ValueError(f"shuffle_buffer={shuffle_buffer} applies to the DALI loader only; use 0 with kind='torch'")
+    return TorchLoader(manifest, config)
+

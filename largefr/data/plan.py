@@ -1,0 +1,118 @@
+"""Which samples each rank reads in an epoch (shared by the DALI and the torch loader).
+
+For (seed, epoch) the shards are put in a random order and each shard's samples in a random order;
+concatenated, they form the epoch's global sequence of all N samples. Rank r owns the contiguous block
+``[r*M, (r+1)*M)`` of that sequence, ``M = N // world_size``; it yields ``steps = M // batch_size`` full
+batches. Blocks are disjoint, every rank has the same number of batches, and the samples of the tail
+(``N - world_size*steps*batch_size``, fewer than ``world_size*(batch_size+1)``) change every epoch.
+
+A rank walks its block through *positions* q = 0, 1, 2, ...: a corrupt sample is skipped and the batch is
+filled from the next positions; the unused rest of the block (``M - steps*batch_size`` samples) is the
+first reserve, and past the block end positions wrap around to the block start (q mod M).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_ORDER_TAG, _ROWS_TAG, _FLIP_TAG = 0, 1, 2
+
+
+def _check(name: str, value: int, low: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive positions ``[start, start+len(rows))`` that all read rows of one shard."""
+
+    shard: int
+    start: int
+    rows: np.ndarray
+
+
+@dataclass
+class EpochPlan:
+    """The epoch's sample order for one rank; cheap to build, picklable, deterministic."""
+
+    shard_counts: tuple[int, ...]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    batch_size: int
+    _rows_cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check("seed", self.seed, 0)
+        _check("epoch", self.epoch, 0)
+        _check("world_size", self.world_size, 1)
+        _check("batch_size", self.batch_size, 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if not self.shard_counts or min(self.shard_counts) <= 0:
+            raise ValueError(f"shard_counts must be non-empty and positive, got {self.shard_counts[:8]}...")
+        if self.steps < 1:
+            raise ValueError(
+                f"{self.num_samples} samples give no full batch: world_size={self.world_size} x "
+                f"batch_size={self.batch_size} needs at least {self.world_size * self.batch_size}"
+            )
+        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_TAG])
+        self.order = rng.permutation(len(self.shard_counts))
+        counts = np.asarray(self.shard_counts, dtype=np.int64)[self.order]
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.shard_counts))
+
+    @property
+    def block_size(self) -> int:
+        """M: samples owned by each rank this epoch."""
+        return self.num_samples // self.world_size
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch, equal on every rank."""
+        return self.block_size // self.batch_size
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        """The epoch's order of the rows (samples) inside ``shard``."""
+        rows = self._rows_cache.get(shard)
+        if rows is None:
+            if len(self._rows_cache) > 64:
+                self._rows_cache.clear()
+            rng = np.random.default_rng([self.seed, self.epoch, _ROWS_TAG, shard])
+            rows = rng.permutation(self.shard_counts[shard])
+            self._rows_cache[shard] = rows
+        return rows
+
+    def segments(self, q0: int, q1: int) -> list[Segment]:
+        """The samples at rank positions ``[q0, q1)`` as runs within one shard each."""
+        if q0 < 0 or q1 < q0:
+            raise ValueError(f"positions [{q0}, {q1}) are not a valid range")
+        out: list[Segment] = []
+        m, base = self.block_size, self.rank * self.block_size
+        q = q0
+        while q < q1:
+            g = base + q % m
+            slot = int(np.searchsorted(self.starts, g, side="right")) - 1
+            shard = int(self.order[slot])
+            k = g - int(self.starts[slot])
+            n = min(q1 - q, int(self.starts[slot + 1]) - g, m - q % m)
+            out.append(Segment(shard, q, self.shard_rows(shard)[k : k + n]))
+            q += n
+        return out
+
+    def flips(self, positions: np.ndarray) -> np.ndarray:
+        """A fair coin per position, fixed by (seed, epoch, rank, position): horizontal flip or not."""
+        x = positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= np.uint64((self.seed * 1_000_003 + self.epoch * 8191 + self.rank * 131 + _FLIP_TAG) & 0xFFFFFFFFFFFF)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        return (x & np.uint64(1)).astype(bool)

@@ -1,0 +1,144 @@
+"""The torch loader: index-addressed reads from the tar shards, PIL decoding in DataLoader workers.
+
+Workers decode *chunks* of consecutive rank positions (chunk c goes to worker c mod num_workers, and the
+DataLoader returns them in order); this process drops corrupt samples, cuts the valid ones into full
+batches and normalises them on the target device. uint8 CHW crosses the process boundary (a quarter of
+the bytes of float32); the conversion to float32 is three contiguous passes, on the device.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from largefr.data.loader import Batch, BufferPool, FaceLoader, LoaderConfig, normalise_images, parse_label
+from largefr.data.manifest import Manifest
+from largefr.data.plan import EpochPlan
+from largefr.data.samples import ShardReader, decode_image
+
+log = logging.getLogger("largefr.data")
+
+
+class Chunk(NamedTuple):
+    images: torch.Tensor  # uint8 [n, 3, H, W] (empty in decode-only mode)
+    labels: torch.Tensor  # int64 [n]
+    positions: torch.Tensor  # int64 [n], rank positions of the valid samples
+    bad: list[tuple[int, str, str]]  # (position, sample, reason) of skipped samples
+    decoded: int
+
+
+class ChunkStream(IterableDataset):
+    """Rank positions [start, limit) in chunks of ``chunk`` samples, split over DataLoader workers."""
+
+    def __init__(self, manifest: Manifest, plan: EpochPlan, start: int, limit: int, chunk: int,
+                 flip: bool, decode_only: bool = False) -> None:
+        super().__init__()
+        self.manifest, self.plan = manifest, plan
+        self.start, self.limit, self.chunk = start, limit, chunk
+        self.flip, self.decode_only = flip, decode_only
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = ShardReader(self.manifest)
+        try:
+            c = worker
+            while self.start + c * self.chunk < self.limit:
+                q0 = self.start + c * self.chunk
+                yield self._chunk(reader, q0, min(q0 + self.chunk, self.limit))
+                c += workers
+        finally:
+            reader.close()
+
+    def _chunk(self, reader: ShardReader, q0: int, q1: int) -> Chunk:
+        h, w = self.manifest.image_size
+        keep = 0 if self.decode_only else q1 - q0
+        images = np.empty((keep, 3, h, w), dtype=np.uint8)
+        flips = self.plan.flips(np.arange(q0, q1)) if self.flip else np.zeros(q1 - q0, dtype=bool)
+        labels = np.empty(q1 - q0, dtype=np.int64)
+        positions = np.empty(q1 - q0, dtype=np.int64)
+        bad: list[tuple[int, str, str]] = []
+        n = 0
+        for seg in self.plan.segments(q0, q1):
+            for i, row in enumerate(seg.rows.tolist()):
+                raw = reader.read(seg.shard, row)
+                label = parse_label(raw.label, self.manifest.num_classes)
+                array, reason = decode_image(raw.image, (h, w))
+                if label is None and array is not None:
+                    reason = f"label {raw.label[:24]!r} is not a class id in [0, {self.manifest.num_classes})"
+                if label is None or array is None:
+                    bad.append((seg.start + i, reader.describe(seg.shard, row), reason))
+                    continue
+                if keep:
+                    images[n] = (array[:, ::-1] if flips[seg.start + i - q0] else array).transpose(2, 0, 1)
+                labels[n], positions[n] = label, seg.start + i
+                n += 1
+        return Chunk(torch.from_numpy(images[: min(n, keep)]), torch.from_numpy(labels[:n]),
+                     torch.from_numpy(positions[:n]), bad, n)
+
+
+def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch if num_workers else None,
+        pin_memory=pin,
+        persistent_workers=False,
+    )
+
+
+class TorchLoader(FaceLoader):
+    """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DataLoader workers."""
+
+    kind = "torch"
+
+    def __init__(self, manifest: Manifest, config: LoaderConfig) -> None:
+        super().__init__(manifest, config)
+        self._pool = BufferPool()
+
+    def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
+        c = self.config
+        limit = position + (plan.steps - step) * c.batch_size + plan.block_size
+        stream = ChunkStream(self.manifest, plan, position, limit, c.batch_size, c.flip)
+        loader = make_dataloader(stream, c.num_threads, c.prefetch, pin=c.device.type != "cpu")
+        images: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        ends: list[torch.Tensor] = []
+        bad_positions: deque[int] = deque()
+        have = 0
+        for chunk in loader:
+            for q, where, reason in chunk.bad:
+                log.warning("rank %d: skipping corrupt sample %s: %s", c.rank, where, reason)
+                bad_positions.append(q)
+            images.append(chunk.images)
+            labels.append(chunk.labels)
+            ends.append(chunk.positions)
+            have += chunk.decoded
+            while have >= c.batch_size:
+                batch_images, images = _take(images, c.batch_size)
+                batch_labels, labels = _take(labels, c.batch_size)
+                batch_pos, ends = _take(ends, c.batch_size)
+                end = int(batch_pos[-1]) + 1
+                skipped = 0
+                while bad_positions and bad_positions[0] < end:
+                    bad_positions.popleft()
+                    skipped += 1
+                have -= c.batch_size
+                yield Batch(normalise_images(batch_images, c.device, self._pool), batch_labels.to(c.device), end, skipped)
+        raise RuntimeError(
+            f"rank {c.rank} epoch {plan.epoch}: ran out of valid samples after {len(bad_positions)} corrupt ones "
+            f"in {self.manifest.root}: more than {plan.block_size} samples of this rank are unreadable"
+        )
+
+
+def _take(parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first ``n`` rows of the concatenation of ``parts``, and the remaining parts."""
+    if parts[0].shape[0] == n:
+        return parts[0], parts[1:]
+    whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return whole[:n], ([whole[n:]] if whole.shape[0] > n else [])
