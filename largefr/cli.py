@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("largefr.data.cli_convert", "convert insightface .rec/.idx or a folder per identity into shards"),
     "eval": ("largefr.eval.cli", "verification .bin sets: 10-fold accuracy, TAR@FAR, ROC plots"),
     "export": ("largefr.eval.export", "export a checkpoint's backbone (onnx)"),
+    "train": ("largefr.train.cli", "train a backbone with a Partial FC head (single process or torchrun)"),
     "plan": ("largefr.plan", "memory per rank of a configuration (head slice, optimizer, workspace, backbone)"),
 }
 

@@ -1,0 +1,175 @@
+"""Build a training run's parts from a resolved :class:`Config` and a :class:`DistContext`.
+
+Backbone: seeded by ``train.seed`` (identical on every rank and in ``largefr train --export-init``),
+moved to the context's device and wrapped in DDP with a SUM all-reduce (see largefr.distributed.ddp).
+Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer. Both optimizers
+follow one LR schedule by optimizer step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from largefr.config import Config, ConfigError, OptimizerConfig, resolve_dataset_sizes
+from largefr.data.loader import FaceLoader, build_loader
+from largefr.data.manifest import Manifest, read_manifest
+from largefr.distributed import DistContext, wrap_ddp_sum
+from largefr.heads import PartialFC
+from largefr.heads.margins import build_margin
+from largefr.models import build_backbone
+from largefr.train.amp import Precision
+from largefr.train.schedule import ScheduledLR, schedule_from_config
+
+
+@dataclass
+class TrainParts:
+    """Everything one rank steps: the plain backbone, its DDP wrapper, head, optimizers, schedule."""
+
+    cfg: Config
+    ctx: DistContext
+    model: nn.Module
+    ddp: DistributedDataParallel
+    head: PartialFC
+    backbone_opt: torch.optim.Optimizer
+    head_opt: torch.optim.Optimizer
+    scheduler: ScheduledLR
+    precision: Precision
+
+
+def resolve_dataset(cfg: Config) -> tuple[Config, Manifest]:
+    """Read the dataset manifest; fill ``head.num_classes`` / ``data.num_images`` from it (or check them)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path", "is empty; expected a dataset directory written by largefr synth/convert")
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except FileNotFoundError as exc:
+        raise ConfigError("data.path", str(exc)) from None
+    if tuple(manifest.image_size) != (cfg.data.image_size, cfg.data.image_size):
+        raise ConfigError(
+            "data.image_size",
+            f"got {cfg.data.image_size}, but the images of {cfg.data.path} are {list(manifest.image_size)}",
+        )
+    return resolve_dataset_sizes(cfg, manifest.num_classes, manifest.num_samples), manifest
+
+
+def backbone_kwargs(cfg: Config) -> dict[str, Any]:
+    """Arguments for build_backbone besides the embedding size (architecture ones first)."""
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.dropout > 0:
+        kwargs["dropout"] = cfg.model.dropout
+    if cfg.model.grad_checkpoint:
+        kwargs["grad_checkpoint"] = True
+    return kwargs
+
+
+def seeded_backbone(cfg: Config) -> nn.Module:
+    """The initial backbone of a run: a function of the config only (same on every rank)."""
+    torch.manual_seed(cfg.train.seed)
+    try:
+        model = build_backbone(cfg.model.name, cfg.head.embedding_size, **backbone_kwargs(cfg))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("model", str(exc)) from None
+    size = getattr(model, "image_size", cfg.data.image_size)
+    if size != cfg.data.image_size:
+        raise ConfigError("data.image_size", f"got {cfg.data.image_size}, but {cfg.model.name} takes {size}x{size}")
+    return model
+
+
+def build_backbone_optimizer(model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if ocfg.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
+    return torch.optim.AdamW(
+        model.parameters(), lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay
+    )
+
+
+def build_head_optimizer(head: PartialFC, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if ocfg.name == "sgd":
+        return head.optimizer("sgd", lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
+    return head.optimizer("adamw", lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+
+
+def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
+    if cfg.head.num_classes is None:
+        raise ConfigError("head.num_classes", "is null; resolve it from the dataset manifest first")
+    try:
+        margin = build_margin(cfg.head.margin, **cfg.head.margin_params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("head.margin_params", str(exc)) from None
+    # validate=False: labels come from the loader (checked there); no host sync in the step
+    head = PartialFC(
+        margin, cfg.head.embedding_size, cfg.head.num_classes, cfg.head.sample_rate,
+        process_group=ctx.group, seed=cfg.train.seed, validate=False,
+    )
+    return head.to(ctx.device)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Per-rank torch/numpy/python RNG streams for training (dropout etc.), after the shared init."""
+    value = seed * 1000 + 1 + rank
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+def build_parts(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> TrainParts:
+    """Model, DDP, head, optimizers and schedule of a run with ``steps_per_epoch`` optimizer steps per epoch."""
+    model = seeded_backbone(cfg).to(ctx.device)
+    head = build_head(cfg, ctx)
+    seed_rank_streams(cfg.train.seed, ctx.rank)
+    ddp = wrap_ddp_sum(model, ctx)
+    backbone_opt = build_backbone_optimizer(model, cfg.optim.backbone)
+    head_opt = build_head_optimizer(head, cfg.optim.head)
+    try:
+        schedule = schedule_from_config(cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    except ValueError as exc:
+        raise ConfigError("schedule", str(exc)) from None
+    scheduler = ScheduledLR([backbone_opt, head_opt], schedule)
+    precision = Precision(cfg.train.precision, ctx.device)
+    return TrainParts(cfg, ctx, model, ddp, head, backbone_opt, head_opt, scheduler, precision)
+
+
+def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> FaceLoader:
+    return build_loader(
+        manifest, batch_size=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+        seed=cfg.train.seed, device=ctx.device, kind=cfg.data.loader, num_threads=cfg.data.num_workers,
+        flip=cfg.data.random_flip,
+    )
+
+
+def steps_per_epoch(loader: FaceLoader, grad_accum: int) -> int:
+    """Optimizer steps per epoch: the loader's batches per epoch in whole groups of ``grad_accum``."""
+    steps = len(loader) // grad_accum
+    if steps < 1:
+        raise ConfigError(
+            "train.grad_accum",
+            f"got {grad_accum}, but an epoch has only {len(loader)} batches per rank "
+            f"(train.batch_size={loader.config.batch_size}, {loader.config.world_size} ranks)",
+        )
+    return steps
+
+
+def resolve_eval_bins(cfg: Config) -> list[Path]:
+    """``train.eval_bins``: a path as given if it exists, else a name inside ``data.path``."""
+    out = []
+    for i, name in enumerate(cfg.train.eval_bins):
+        given = Path(name)
+        path = given if given.is_file() else Path(cfg.data.path) / name
+        if not path.is_file():
+            raise ConfigError(f"train.eval_bins[{i}]", f"got {name!r}: neither {given} nor {path} is a file")
+        out.append(path)
+    return out
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with some fields of some sections replaced (for tests and tools)."""
+    changes = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,86 @@
+"""``largefr train CONFIG [--set a.b=c ...]``: one process, or one per rank under torchrun.
+
+The resolved config (num_classes and num_images read from the dataset manifest) is printed by rank 0
+and saved as ``<output_dir>/config.yaml`` and in every checkpoint. By default a run resumes from the
+newest complete checkpoint in its checkpoint directory.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from largefr.config import Config, ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                        help="override a config field, e.g. --set train.batch_size=64 (repeatable)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop (with a checkpoint) after this many optimizer steps in all; the LR schedule "
+                             "still spans the whole run, so a later run resumes where this one stopped")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (newest checkpoint in the checkpoint dir, if any), 'none', or a checkpoint dir")
+    parser.add_argument("--export-init", type=Path, default=None, metavar="DIR",
+                        help="write the initial backbone (the seeded init of this config) as backbone.pt + "
+                             "meta.json to DIR and exit; `largefr eval --checkpoint DIR` evaluates it")
+    parser.add_argument("--print-config", action="store_true", help="print the config as loaded and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_steps is not None and args.max_steps < 0:
+        print(f"largefr train: --max-steps must be >= 0, got {args.max_steps}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.export_init is not None:
+            print(f"initial backbone written to {export_init(cfg, args.export_init)}")
+            return 0
+        _check_inputs(cfg)
+    except ConfigError as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one message is enough
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return 2
+    return _run_distributed(cfg, args)
+
+
+def _check_inputs(cfg: Config) -> None:
+    """Dataset and verification files, checked before any process group exists."""
+    from largefr.train.build import resolve_dataset, resolve_eval_bins
+
+    resolve_dataset(cfg)
+    resolve_eval_bins(cfg)
+
+
+def export_init(cfg: Config, out_dir: Path) -> Path:
+    from largefr.eval.checkpoint import CheckpointMeta, save_backbone_checkpoint
+    from largefr.train.build import seeded_backbone
+
+    model = seeded_backbone(cfg)
+    meta = CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
+    return save_backbone_checkpoint(out_dir, model, meta)
+
+
+def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
+    from largefr.distributed import init_from_env, shutdown
+
+    ctx = init_from_env()
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
+                        format=f"%(asctime)s rank{ctx.rank} %(name)s %(levelname)s: %(message)s")
+    try:
+        from largefr.train.trainer import train
+
+        train(cfg, ctx, max_steps=args.max_steps, resume=args.resume)
+    except ConfigError as exc:  # same on every rank: the dataset or a value checked after loading
+        if ctx.is_main:
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
