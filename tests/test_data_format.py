@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from largefr.data.build import parse_size, plan_by_bytes
+from largefr.data.build import parse_size, plan_by_bytes, shard_bytes_for
 from largefr.data.manifest import Manifest, ShardFileError, ShardInfo, read_manifest, write_manifest
 from largefr.data.plan import EpochPlan
 from largefr.data.shards import ShardIndex, ShardWriter, iter_tar_samples, jpeg_size
@@ -162,3 +162,5 @@ def test_sizes_and_byte_plans():
     groups = plan_by_bytes([1000] * 10, 2048 * 2 + 3 * 512 * 2)
     assert [len(g) for g in groups] == [2, 2, 2, 2, 2]
     assert [i for g in groups for i in g] == list(range(10))
+    assert shard_bytes_for([1000] * 10, 1 << 30, workers=2) == 5 * 2560  # small data: one shard per worker
+    assert shard_bytes_for([1000] * 10, 4096, workers=2) == 4096

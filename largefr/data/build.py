@@ -70,11 +70,19 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def _cost(size: int) -> int:
+    return size + (-size % 512) + TAR_OVERHEAD
+
+
+def shard_bytes_for(sizes: Sequence[int], shard_bytes: int, workers: int) -> int:
+    """``shard_bytes``, or less when that is needed to give each of ``workers`` processes a shard."""
+    return max(1, min(shard_bytes, -(-sum(_cost(s) for s in sizes) // max(1, workers))))
+
+
 def plan_by_bytes(sizes: Sequence[int], shard_bytes: int) -> list[range]:
     """Consecutive groups of item indices whose estimated tar size stays near ``shard_bytes``."""
     groups, start, acc = [], 0, 0
-    for i, size in enumerate(sizes):
-        cost = size + (-size % 512) + TAR_OVERHEAD
+    for i, cost in enumerate(map(_cost, sizes)):
         if acc and acc + cost > shard_bytes:
             groups.append(range(start, i))
             start, acc = i, 0
@@ -189,18 +197,23 @@ def _load_stats(state: Path, index: int, out_dir: Path) -> ShardStats | None:
     return stats
 
 
-def check_params(out_dir: Path, params: dict[str, Any]) -> None:
-    """Record the build parameters; refuse to resume a build made with different ones."""
+def check_params(out_dir: Path, params: dict[str, Any], plan_bytes: int) -> int:
+    """Record the build parameters and return the shard size to plan with. A rerun must have the same
+    parameters; it keeps the recorded plan (even with another worker count), so finished shards match."""
     state = out_dir / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     path = state / "params.json"
     text = json.dumps(params, sort_keys=True)
-    if path.is_file() and path.read_text() != text:
-        raise ValueError(
-            f"{out_dir} holds a build with other parameters ({path.read_text()}); "
-            f"use an empty --out directory or the same parameters ({text})"
-        )
-    path.write_text(text)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        plan_bytes = int(recorded.pop("plan_bytes", plan_bytes))
+        if json.dumps(recorded, sort_keys=True) != text:
+            raise ValueError(
+                f"{out_dir} holds a build with other parameters ({json.dumps(recorded, sort_keys=True)}); "
+                f"use an empty --out directory or the same parameters ({text})"
+            )
+    path.write_text(json.dumps({**params, "plan_bytes": plan_bytes}, sort_keys=True))
+    return plan_bytes
 
 
 def finish_manifest(out_dir: Path, stats: Sequence[ShardStats], image_size: tuple[int, int],

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, finish_manifest, plan_by_bytes,
-                                run_tasks)
+                                run_tasks, shard_bytes_for)
 from largefr.data.manifest import Manifest
 from largefr.data.recordio import RecordIOError, RecordIOReader, face_rec_layout, read_record, unpack_record
 from largefr.data.shards import jpeg_size
@@ -83,11 +83,14 @@ class FolderSource:
             yield f"{number:09d}", data, label, f"{path}: {reason}" if data is None else ""
 
 
-def _tasks(items: list, sizes: list[int], shard_bytes: int, shuffle: bool, seed: int) -> list[ShardTask]:
-    order = np.random.default_rng([seed, 7]).permutation(len(items)) if shuffle else np.arange(len(items))
+def _tasks(out: Path, params: dict, items: list, sizes: list[int], shard_bytes: int, workers: int) -> list[ShardTask]:
+    """Record the parameters, then cut the (shuffled) items into shard tasks."""
+    plan_bytes = check_params(out, params, shard_bytes_for(sizes, shard_bytes, workers))
+    n = len(items)
+    order = np.random.default_rng([params["seed"], 7]).permutation(n) if params["shuffle"] else np.arange(n)
     items = [items[i] for i in order.tolist()]
     sizes = [sizes[i] for i in order.tolist()]
-    return [ShardTask(n, items[g.start : g.stop], len(g)) for n, g in enumerate(plan_by_bytes(sizes, shard_bytes))]
+    return [ShardTask(k, items[g.start : g.stop], len(g)) for k, g in enumerate(plan_by_bytes(sizes, plan_bytes))]
 
 
 def convert_rec(rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -110,8 +113,7 @@ def convert_rec(rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out = Path(out_dir)
     params = {"source": str(Path(rec_path).resolve()), "shard_bytes": shard_bytes, "shuffle": shuffle, "seed": seed,
               "image_size": list(image_size), "quality": quality, "verify": verify}
-    check_params(out, params)
-    tasks = _tasks(items, sizes, shard_bytes, shuffle, seed)
+    tasks = _tasks(out, params, items, sizes, shard_bytes, workers)
     stats = run_tasks(RecSource(str(rec_path), image_size, quality, verify), tasks, out, workers,
                       f"convert {Path(rec_path).name}", progress)
     max_label = max(s.max_label for s in stats)
@@ -150,10 +152,9 @@ def convert_folder(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     out = Path(out_dir)
     params = {"source": str(src.resolve()), "shard_bytes": shard_bytes, "shuffle": shuffle, "seed": seed,
               "image_size": list(image_size), "quality": quality, "verify": verify, "num_items": len(items)}
-    check_params(out, params)
-    (out / "classes.txt").write_text("\n".join(identities) + "\n")
     sizes = [os.path.getsize(p) for _, p, _ in items]
-    tasks = _tasks(items, sizes, shard_bytes, shuffle, seed)
+    tasks = _tasks(out, params, items, sizes, shard_bytes, workers)
+    (out / "classes.txt").write_text("\n".join(identities) + "\n")
     stats = run_tasks(FolderSource(image_size, quality, verify), tasks, out, workers, f"convert {src.name}", progress)
     return finish_manifest(out, stats, image_size, len(identities), f"folder:{src.resolve()}",
                            {"classes_file": "classes.txt", "shuffled": shuffle})

@@ -208,7 +208,7 @@ class BufferPool:
 def normalise_images(images_nchw: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 [B,3,H,W] in [-1,1] on ``device``."""
     out = pool.get(tuple(images_nchw.shape), torch.float32, device)
-    out.copy_(images_nchw.to(device, non_blocking=True))
+    out.copy_(images_nchw, non_blocking=True)
     return out.mul_(1.0 / 127.5).sub_(1.0)
 
 

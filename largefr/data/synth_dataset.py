@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
-from largefr.data.build import DEFAULT_SHARD_BYTES, ShardTask, check_params, finish_manifest, plan_by_bytes, run_tasks
+from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, finish_manifest, plan_by_bytes, run_tasks,
+                                shard_bytes_for)
 from largefr.data.manifest import Manifest
 from largefr.data.synth import IMAGE_SIZE, FaceGenerator, SynthSpec, render_jpegs
 
@@ -32,6 +34,8 @@ _generator: FaceGenerator | None = None
 def _gen() -> FaceGenerator:
     global _generator
     if _generator is None:
+        if mp.parent_process() is not None:
+            torch.set_num_threads(1)  # a worker process: one core each, no OpenMP pool after fork
         _generator = FaceGenerator()
     return _generator
 
@@ -136,10 +140,11 @@ def synth(out_dir: str | os.PathLike[str], spec: SynthSpec, *, workers: int = 2,
     verification accuracy of the held-out pairs.
     """
     out = Path(out_dir)
-    check_params(out, {"synth": asdict(spec), "shard_bytes": shard_bytes})
     probe = render_jpegs(_gen(), spec, np.arange(min(32, spec.identities)), np.zeros(min(32, spec.identities), int))
-    per_sample = int(np.mean([len(b) for b in probe]) * 1.1)
-    groups = plan_by_bytes([per_sample] * spec.num_samples, shard_bytes)
+    sizes = [int(np.mean([len(b) for b in probe]) * 1.1)] * spec.num_samples
+    plan_bytes = check_params(out, {"synth": asdict(spec), "shard_bytes": shard_bytes},
+                              shard_bytes_for(sizes, shard_bytes, workers))
+    groups = plan_by_bytes(sizes, plan_bytes)
     tasks = [ShardTask(n, (g.start, g.stop), len(g)) for n, g in enumerate(groups)]
     stats = run_tasks(SynthSource(spec), tasks, out, workers, "synth", progress)
     extra: dict[str, object] = {"synth": asdict(spec), "generator": "largefr.data.synth.FaceGenerator"}
