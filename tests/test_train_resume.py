@@ -1,7 +1,7 @@
 """Exact resume at the same world size: N steps, save, resume in fresh processes, M steps == N+M steps.
 
 2 gloo ranks, fp32, an epoch boundary inside the resumed part, Partial FC sampling (the head's RNG),
-dropout (the torch RNG, which the DataLoader also draws from), SGD momentum. The final checkpoints of both runs are
+dropout (the torch RNG, which the DataLoader also draws from), AdamW on both sides, gradient checkpointing. The final checkpoints of both runs are
 compared entry by entry with zero tolerance: backbone, head slices, both optimizers, LR schedule, loss
 scaler, data position, loader states and every RNG state.
 """
@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from largefr.config import load_config
-from largefr.train.checkpoint import latest_checkpoint, read_meta
+from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, read_meta
 from largefr.train.trainer import train
 from multirank import run_ranks
 
@@ -39,6 +39,7 @@ def overrides(dataset: Path, output_dir: Path) -> list[str]:
         "model.kwargs={base_width: 4}", "model.dropout=0.2", "head.embedding_size=16", "head.sample_rate=0.5",
         "train.batch_size=2", "train.precision=fp32", "train.log_every=4", "train.eval_bins=[]",
         "schedule.warmup_steps=2", f"schedule.total_steps={TOTAL_STEPS}", "checkpoint.every_steps=100",
+        "model.grad_checkpoint=true",
         "logging.console=false",
     ]
 
@@ -73,14 +74,21 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.slow
-def test_resume_continues_exactly(dataset: Path, tmp_path: Path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
+@pytest.fixture(scope="module")
+def runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An uninterrupted run, and one stopped after N_STEPS and resumed in fresh processes (2 ranks each)."""
+    root = tmp_path_factory.mktemp("runs")
+    whole, split = root / "whole", root / "split"
     run_ranks(train_runs, 2, [(overrides(dataset, whole), None), (overrides(dataset, split), N_STEPS)])
     stopped = latest_checkpoint(split / "checkpoints")
     assert stopped is not None and read_meta(stopped)["step"] == N_STEPS
-    run_ranks(train_runs, 2, [(overrides(dataset, split), None)])  # fresh processes: resume, continue
+    run_ranks(train_runs, 2, [(overrides(dataset, split), None)])  # resumes from the newest checkpoint
+    return whole, split
 
+
+@pytest.mark.slow
+def test_resume_continues_exactly(runs: tuple[Path, Path], tmp_path: Path):
+    whole, split = runs
     a, b = latest_checkpoint(whole / "checkpoints"), latest_checkpoint(split / "checkpoints")
     assert read_meta(a)["step"] == read_meta(b)["step"] == TOTAL_STEPS
     flat_a, flat_b = flat_checkpoint(a, tmp_path), flat_checkpoint(b, tmp_path)
@@ -88,3 +96,22 @@ def test_resume_continues_exactly(dataset: Path, tmp_path: Path):
     assert_identical(flat_a, flat_b)
     exported = [torch.load(Path(p) / "backbone.pt", weights_only=True) for p in (a, b)]
     assert_identical(exported[0], exported[1])
+
+
+@pytest.mark.slow
+def test_single_process_cli_resumes_a_two_rank_checkpoint(runs: tuple[Path, Path], dataset: Path, tmp_path: Path):
+    """`largefr train` without torchrun, from the 2-rank step-N checkpoint: the head is resharded onto one
+    rank and the loader position rescaled (2 ranks x 2 images per step -> 1 rank x 2 images)."""
+    from largefr.cli import main
+
+    _, split = runs
+    start = [p for s, p in completed_checkpoints(split / "checkpoints") if s == N_STEPS][0]
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic_cpu.yaml"
+    sets = [a for s in overrides(dataset, tmp_path / "one") for a in ("--set", s)]
+    assert main(["train", str(config), *sets, "--resume", str(start), "--max-steps", str(N_STEPS + 2)]) == 0
+    final = latest_checkpoint(tmp_path / "one" / "checkpoints")
+    assert read_meta(final)["step"] == N_STEPS + 2 and read_meta(final)["world_size"] == 1
+    flat = flat_checkpoint(final, tmp_path)
+    assert flat["head"]["weight"].shape[0] == 8  # every class on the one rank
+    # 5 steps x 2 ranks x 2 images = 20 samples of epoch 0, i.e. 10 one-rank batches, then 2 more steps
+    assert flat["loader"]["rank0"]["step"] == 12 and flat["progress"]["epoch"] == 0

@@ -7,7 +7,6 @@ follow one LR schedule by optimizer step.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +167,3 @@ def resolve_eval_bins(cfg: Config) -> list[Path]:
         out.append(path)
     return out
 
-
-def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with some fields of some sections replaced (for tests and tools)."""
-    changes = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
-    return dataclasses.replace(cfg, **changes)
