@@ -56,14 +56,15 @@ class RateMeter:
 class Trainer:
     def __init__(
         self, parts: TrainParts, loader: FaceLoader, logger: Logger, verifier: PeriodicVerifier,
-        progress: Progress, total_steps: int,
+        progress: Progress, total_steps: int, saved_step: int = -1,
     ) -> None:
+        """``saved_step``: the step of an existing checkpoint of this state (a resume), not saved again."""
         self.parts, self.loader, self.logger, self.verifier = parts, loader, logger, verifier
         self.progress, self.total_steps = progress, total_steps
         cfg = parts.cfg
         self.accum = cfg.train.grad_accum
         self.meter = RateMeter(cfg.train.batch_size * self.accum * parts.ctx.world_size)
-        self.last_saved = -1
+        self.last_saved = saved_step
         self.end = total_steps
         self._loss_sum = torch.zeros((), device=parts.ctx.device)
         self._loss_count = 0
@@ -75,14 +76,16 @@ class Trainer:
         bar = self._progress_bar(end)
         self.parts.ddp.train()
         self.parts.head.train()
-        self.meter.start(self.progress.step)
+        first_step = self.progress.step
+        self.meter.start(first_step)
         try:
             while self.progress.step < end:
                 self._run_epoch(end, bar)
         finally:
             if bar is not None:
                 bar.close()
-        if self.verifier and self.progress.step % self.parts.cfg.train.eval_every != 0:
+        trained = self.progress.step > first_step
+        if trained and self.verifier and self.progress.step % self.parts.cfg.train.eval_every != 0:
             self._verify()  # the final network, unless just verified
         if self.last_saved != self.progress.step:
             self._save()

@@ -97,8 +97,11 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     if same_world and rng is not None and rng["rng"] is not None:
         generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
         parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
-    loader_state = loaded["loader"] if same_world else None
-    if loader_state is None:  # another world size: rank 0's saved position, rescaled by the loader
+    if same_world:
+        loader_state = loaded["loader"]
+        if loader_state is None:
+            raise RuntimeError(f"checkpoint {path} holds no loader state of rank {parts.ctx.rank}")
+    else:  # rank 0's saved position; the loader rescales it to this world size
         loader_state = _broadcast_rank0_loader_state(parts, loaded["loader"])
     loader.load_state_dict(loader_state)
     return progress

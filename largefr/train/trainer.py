@@ -59,7 +59,7 @@ def train(cfg: Config, ctx: DistContext, max_steps: int | None = None, resume: s
              spe, total, cfg.train.batch_size * ctx.world_size, cfg.train.grad_accum)
     verifier = PeriodicVerifier(bins, ctx, cfg.data.image_size)
     with build_loggers(cfg.logging, out, ctx.rank, run_config=cfg.to_dict()) as logger:
-        trainer = Trainer(parts, loader, logger, verifier, progress, total)
+        trainer = Trainer(parts, loader, logger, verifier, progress, total, -1 if path is None else progress.step)
         progress = trainer.fit(max_steps)
     log.info("stopped at step %d of %d after %.1f s; checkpoints in %s",
              progress.step, total, time.perf_counter() - started, cfg.checkpoint_dir)
