@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from largefr.data.loader import Batch, BufferPool, FaceLoader, LoaderConfig, parse_label
+from largefr.data.loader import Batch, FaceLoader, LoaderConfig, parse_label
 from largefr.data.manifest import Manifest
 from largefr.data.plan import EpochPlan
 from largefr.data.samples import ShardReader
@@ -71,7 +71,7 @@ def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, devic
     dali = import_dali()
     fn, types = dali.fn, dali.types
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-                         seed=seed, prefetch_queue_depth=prefetch)
+                         seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
     with pipe:
         jpg, cls = fn.readers.webdataset(
             paths=listing.tar_paths, index_paths=listing.index_paths, ext=["jpg", "cls"],
@@ -173,7 +173,6 @@ class DaliLoader(FaceLoader):
         super().__init__(manifest, config)
         self.device_id = dali_device_id(config.device)
         self._probe = DecodeProbe(self.device_id)
-        self._pool = BufferPool()
 
     def _pipeline_seed(self, plan: EpochPlan, rebuilds: int) -> int:
         return int(np.random.SeedSequence([self.config.seed, plan.epoch, plan.rank, rebuilds]).generate_state(1)[0] >> 1)
@@ -219,9 +218,12 @@ class DaliLoader(FaceLoader):
             dense = images_out.as_tensor()
         except RuntimeError as exc:
             raise BadBatch(f"images of different sizes in one batch ({exc})") from exc
-        images = self._pool.get(tuple(dense.shape()), torch.float32, c.device)
-        stream = None if self.device_id is None else torch.accelerator.current_stream(c.device)
-        feed_ndarray(dense, images, cuda_stream=stream)
+        if self.device_id is None:
+            # zero-copy: with exec_dynamic a buffer stays DALI-owned and untouched while Python holds it
+            images = torch.from_dlpack(dense)
+        else:
+            images = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=c.device)
+            feed_ndarray(dense, images, cuda_stream=torch.accelerator.current_stream(c.device))
         labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
         return images, torch.from_numpy(labels).to(c.device)
 
