@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers
@@ -108,8 +109,6 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
 
 
 def _broadcast_rank0_loader_state(parts: TrainParts, own: dict[str, Any] | None) -> dict[str, Any]:
-    import torch.distributed as dist
-
     box = [own if parts.ctx.is_main else None]
     dist.broadcast_object_list(box, group=parts.ctx.group, group_src=0)
     if box[0] is None:
