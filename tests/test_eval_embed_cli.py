@@ -14,32 +14,14 @@ from largefr.eval.bin_io import load_bin, write_bin
 from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
 from largefr.eval.embed import decode_image, embed_images, encode_image, normalize_batch
 from largefr.eval.verification import verify_interleaved
-from largefr.models import build_backbone
+from backbones import calibrated_backbone, one_torch_thread  # noqa: F401  (fixture)
 
 META = CheckpointMeta("iresnet18", 32, 112, {"base_width": 8})
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend, so use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tiny_backbone(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_backbone(META.backbone, META.embedding_size, **META.backbone_kwargs)
-    for m in model.modules():  # trained-looking BatchNorm: affine random, statistics measured on data
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batch
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 112, 112))
-    return model.eval()
+def _tiny_backbone() -> torch.nn.Module:
+    return calibrated_backbone(META.backbone, META.embedding_size, **META.backbone_kwargs)
 
 
 def _image(seed: int) -> np.ndarray:

@@ -9,30 +9,9 @@ import torch
 
 from largefr.cli import main
 from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
-from largefr.models import build_backbone
+from backbones import calibrated_backbone, one_torch_thread  # noqa: F401  (fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend, so use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _backbone() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_backbone("iresnet18", 32, base_width=8)
-    for m in model.modules():  # trained-looking BatchNorm: affine random, statistics measured on data
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batch
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 112, 112))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside torch.export
@@ -41,7 +20,7 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, capsys: 
     import onnxruntime as ort
 
     meta = CheckpointMeta("iresnet18", 32, 112, {"base_width": 8})
-    ckpt = save_backbone_checkpoint(tmp_path / "ckpt", _backbone(), meta)
+    ckpt = save_backbone_checkpoint(tmp_path / "ckpt", calibrated_backbone("iresnet18", 32, base_width=8), meta)
     out = tmp_path / "model.onnx"
     assert main(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(out)]) == 0  # traced at batch 2
     assert "max abs diff" in capsys.readouterr().out

@@ -119,7 +119,7 @@ def test_chunked_logits_equal_whole() -> None:
         assert torch.equal(ids, grads[0][3])
 
 
-def _one_step_against_dense(name: str, hyper: dict, dense_cls: type, dense_hyper: dict) -> None:
+def _check_one_step_against_dense(name: str, hyper: dict, dense_cls: type, dense_hyper: dict) -> None:
     x, labels = make_batch(12, 60, seed=9)
     head = PartialFC(margins.ArcFace(scale=16.0), DIM, 60, sample_rate=0.3, seed=2)
     opt = head.optimizer(name, **hyper)
@@ -145,14 +145,14 @@ def _one_step_against_dense(name: str, hyper: dict, dense_cls: type, dense_hyper
 def test_sgd_row_update_equals_dense_sgd_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    _one_step_against_dense("sgd", hyper, torch.optim.SGD, hyper)
+    _check_one_step_against_dense("sgd", hyper, torch.optim.SGD, hyper)
 
 
 @pytest.mark.parametrize("block_rows", [2048, 4])
 def test_adamw_row_update_equals_dense_adamw_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
     hyper = dict(lr=1e-2, weight_decay=0.05)
-    _one_step_against_dense("adamw", hyper, torch.optim.AdamW, hyper)
+    _check_one_step_against_dense("adamw", hyper, torch.optim.AdamW, hyper)
 
 
 def test_sgd_at_rate_one_matches_torch_sgd_over_steps() -> None:

@@ -1,8 +1,8 @@
 """Sharded, atomic, reshardable training checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout of ``<ckpt_root>/step_XXXXXXXX/``: DCP files (``.metadata`` is written last by DCP, so a
+Layout of ``<ckpt_root>/step_NNNNNNNN/``: DCP files (``.metadata`` is written last by DCP, so a
 directory holding it is complete), plus on rank 0 ``backbone.pt`` (plain backbone state_dict),
-``meta.json`` and any ``extra_files`` (e.g. ``config.yaml``). Each save goes to ``step_XXXXXXXX.tmp/``
+``meta.json`` and any ``extra_files`` (e.g. ``config.yaml``). Each save goes to ``step_NNNNNNNN.tmp/``
 and is renamed by rank 0 once every rank has written, so a crash mid-save leaves earlier checkpoints
 loadable and :func:`latest_checkpoint` never returns a partial one.
 
@@ -150,7 +150,7 @@ def save_checkpoint(
     extra_files: dict[str, bytes] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``state`` (see module doc) as ``<ckpt_root>/step_XXXXXXXX``; collective over ``ctx.group``.
+    """Save ``state`` (see module doc) as ``<ckpt_root>/step_NNNNNNNN``; collective over ``ctx.group``.
 
     ``meta`` (e.g. :func:`backbone_meta`) goes into ``meta.json`` with the step and world size; when
     ``state["backbone"]`` is a module its plain state_dict is also written as ``backbone.pt``.
