@@ -206,3 +206,45 @@ def test_held_batches_are_never_overwritten(dataset, kind):
     assert len(loader) == 12 and decode_samples(kept[0]) == kept[1]
     if kind == "torch":
         assert len(pointers) <= 3  # released batches' buffers are reused
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali missing")
+def test_dali_images_are_the_decoded_pixels_normalised_and_flipped(tmp_path):
+    # DALI hands over uint8 CHW (flipped in the pipeline); torch converts to float32 in [-1,1]: the values
+    # are (pixel - 127.5) / 127.5 of DALI's own decode, and each row is its image or its mirror image
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    n, gen = 24, np.random.default_rng(0)
+    shard, idx = shard_names(0)
+    writer, encoded = ShardWriter(tmp_path / shard, tmp_path / idx), []
+    for k in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(gen.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        encoded.append(buf.getvalue())
+        writer.add(f"{k:06d}", encoded[-1], k)
+    result = writer.close()
+    write_manifest(tmp_path, Manifest(n, n, (112, 112), (ShardInfo(shard, idx, result.num_samples, result.bytes),),
+                                      "test", {}, tmp_path))
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def decode():
+        enc = fn.external_source(source=lambda: [np.frombuffer(e, dtype=np.uint8) for e in encoded], batch=True)
+        return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    ref = torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(n)]).astype(np.float64))
+    ref = ((ref - 127.5) / 127.5).permute(0, 3, 1, 2)
+    for flip in (False, True):
+        loader = build_loader(tmp_path, batch_size=8, kind="dali", num_threads=1, flip=flip)
+        mirrored = []
+        for images, labels in loader:
+            assert images.dtype == torch.float32 and images.shape == (8, 3, 112, 112)
+            for image, label in zip(images.double(), labels.tolist()):
+                same = (image - ref[label]).abs().max().item()
+                mirror = (image - ref[label].flip(-1)).abs().max().item()
+                assert min(same, mirror) <= 1e-6, (flip, label, same, mirror)
+                mirrored.append(mirror < same)
+        assert len(mirrored) == n and any(mirrored) == flip and (all(mirrored) is False)
