@@ -6,7 +6,6 @@ from largefr.distributed.collectives import (
     group_rank,
     group_size,
     reduce_scatter_rows,
-    sum_across_ranks,
 )
 from largefr.distributed.ddp import allreduce_sum_hook, broadcast_buffers, wrap_ddp_sum
 from largefr.distributed.env import (
@@ -39,6 +38,5 @@ __all__ = [
     "reduce_scatter_rows",
     "shutdown",
     "project_out_radial",
-    "sum_across_ranks",
     "wrap_ddp_sum",
 ]

@@ -79,28 +79,3 @@ def gather_rows_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> t
     if group_size(group) == 1:
         return tensor
     return _AllGatherRows.apply(tensor, group)
-
-
-class _ReduceSumToAll(torch.autograd.Function):
-    """forward: all-reduce SUM; backward: identity (each rank's input contributes once to every output)
-
-    Used for per-rank partial losses whose sum is the global loss; every rank then holds the same value,
-    and the gradient of each rank's copy flows back only to that rank's own partial, which is correct
-    when the caller back-propagates the same scalar on every rank exactly once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        out = tensor.clone()
-        return all_reduce_(out, ReduceOp.SUM, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def sum_across_ranks(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """All-reduce SUM with an identity backward (see :class:`_ReduceSumToAll`)."""
-    if group_size(group) == 1:
-        return tensor
-    return _ReduceSumToAll.apply(tensor, group)

@@ -43,8 +43,5 @@ class Workspace:
             self._slots[name] = (tensor, weakref.ref(lease))
         return tensor.view(shape), lease
 
-    def clear(self) -> None:
-        self._slots.clear()
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t, _ in self._slots.values())
