@@ -153,19 +153,24 @@ class RecordIOReader:
         self._f.close()
 
 
+def _read_header(f: BinaryIO, path: str | os.PathLike[str], at: int) -> tuple[int, int]:
+    """(continuation flag, payload length) of the framing header at the file's current position ``at``."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise RecordIOError(f"{path}: truncated record header at byte {at}")
+    magic, lrec = struct.unpack("<II", head)
+    if magic != MAGIC:
+        raise RecordIOError(f"{path}: bad magic 0x{magic:08x} at byte {at}, expected 0x{MAGIC:08x}")
+    return lrec >> _LEN_BITS, lrec & _LEN_MASK
+
+
 def read_record(f: BinaryIO, path: str | os.PathLike[str], offset: int) -> bytes:
     """The payload of the record starting at ``offset`` of the open .rec ``f`` (parts re-joined)."""
     f.seek(offset)
     chunks: list[bytes] = []
     while True:
         at = f.tell()
-        head = f.read(8)
-        if len(head) < 8:
-            raise RecordIOError(f"{path}: truncated record header at byte {at}")
-        magic, lrec = struct.unpack("<II", head)
-        if magic != MAGIC:
-            raise RecordIOError(f"{path}: bad magic 0x{magic:08x} at byte {at}, expected 0x{MAGIC:08x}")
-        flag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+        flag, length = _read_header(f, path, at)
         data = f.read(length + (-length % 4))
         if len(data) < length:
             raise RecordIOError(f"{path}: truncated record at byte {at} (wanted {length} bytes, got {len(data)})")
@@ -198,15 +203,9 @@ def scan_offsets(rec_path: str | os.PathLike[str]) -> dict[int, int]:
         pos = 0
         while pos < size:
             f.seek(pos)
-            head = f.read(8)
-            if len(head) < 8:
-                raise RecordIOError(f"{rec_path}: truncated record header at byte {pos}")
-            magic, lrec = struct.unpack("<II", head)
-            if magic != MAGIC:
-                raise RecordIOError(f"{rec_path}: bad magic 0x{magic:08x} at byte {pos}, expected 0x{MAGIC:08x}")
-            if lrec >> _LEN_BITS in (0, 1):
+            flag, length = _read_header(f, rec_path, pos)
+            if flag in (0, 1):
                 offsets[len(offsets)] = pos
-            length = lrec & _LEN_MASK
             pos += 8 + length + (-length % 4)
     return offsets
 

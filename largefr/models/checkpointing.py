@@ -46,3 +46,13 @@ def check_image_input(x: torch.Tensor, image_size: int, name: str) -> None:
     """Raise a clear error unless ``x`` is [N, 3, image_size, image_size]."""
     if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (image_size, image_size):
         raise ValueError(f"{name} expects input [N, 3, {image_size}, {image_size}], got {list(x.shape)}")
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convolutions; BatchNorm scale 1, shift 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

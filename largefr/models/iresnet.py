@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from largefr.models.checkpointing import check_image_input, run_stage
+from largefr.models.checkpointing import check_image_input, init_conv_bn, run_stage
 from largefr.models.registry import register_backbone
 
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -93,12 +93,7 @@ class IResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         # As in insightface: the embedding BN keeps scale 1 (only its shift is learned).
         self.features.weight.requires_grad_(False)
         if zero_init_residual:

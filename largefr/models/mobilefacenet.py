@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largefr.models.checkpointing import check_image_input, run_stage
+from largefr.models.checkpointing import check_image_input, init_conv_bn, run_stage
 from largefr.models.registry import register_backbone
 
 # (expansion t, out channels c, repeats n, first stride s)
@@ -82,15 +82,7 @@ class MobileFaceNet(nn.Module):
         self.gdc[0].padding = (0, 0)  # global depthwise conv: 7x7 -> 1x1
         self.linear = nn.Linear(last, embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.image_size, type(self).__name__)
