@@ -6,10 +6,11 @@ For this rank's K rows the gradient is
 
 where G [N, K] is the backward's buffer (softmax - onehot, with the row factor, the column factor
 1/||W_j|| and the target entries' "a x" part folded in), x [N, D] the GEMM operand rows, and beta [K] the
-target entries' "b W" part. Keeping G and x (already in memory) instead of a [K, D] gradient lets the
-optimizer compute g block by block, right before updating those rows, while they are in cache: no
-[K, D] gradient buffer and no second pass over it. ``dense`` holds an already summed sum_i G_ij x_i
-when the logits were processed in chunks.
+target entries' "b W" part. That part is radial (P_j W_j = 0), so it is only added when W is not
+normalised. Keeping G and x (already in memory) instead of a [K, D] gradient lets the optimizer compute
+g block by block, right before updating those rows, while they are in cache: no [K, D] gradient buffer
+and no second pass over it. ``dense`` holds an already summed sum_i G_ij x_i when the logits were
+processed in chunks.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class WeightGrad:
                 torch.mm(g, self.x, out=out)
             else:
                 out.copy_(torch.mm(g.to(self.x.dtype), self.x))
-        out.addcmul_(w_rows, self.beta[a:b].unsqueeze(1))
-        if self.inv_norm is not None:
+        if self.inv_norm is None:
+            out.addcmul_(w_rows, self.beta[a:b].unsqueeze(1))
+        else:
+            # beta_j W_j is radial and P_j W_j = 0: the projection would remove it exactly, so it is skipped
             project_out_radial(out, w_rows, self.inv_norm[a:b], scratch)
         return out
