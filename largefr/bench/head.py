@@ -5,6 +5,12 @@ embeddings and uniform labels; after each timed step, the same process times the
 step for the same shapes (logits [N,D]x[D,K], embedding grads [N,K]x[K,D], weight grads [K,N]x[N,D]).
 Ratios, not absolute times, are the result: the median of step / floor over the alternating pairs, and
 peak RSS (taken before the floor's buffers exist) / (W slice + optimizer state).
+
+Beside the GEMM floor, the same alternation times the row traffic a row-sparse step cannot avoid: each
+sampled row of W and of every optimizer state read once and written once (r < 1: torch's gather and
+scatter of those rows, the ops the optimizer uses; r = 1: one in-place pass over the slice and its
+state). On a machine whose memory bandwidth is low against its GEMM rate, step / (GEMM + traffic) shows
+how much of the step is neither.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ class RankResult:
     step_s: float
     floor_s: float
     ratio: float  # median over iterations of step / floor
+    traffic_s: float
+    ratio_with_traffic: float  # median over iterations of step / (floor + row traffic)
     peak_rss_bytes: int
     weight_bytes: int
     state_bytes: int
@@ -63,6 +71,25 @@ class _GemmFloor:
         torch.mm(self.x, self.w.t(), out=self.logits)
         torch.mm(self.g, self.w, out=self.grad_x)
         torch.mm(self.g.t(), self.x, out=self.grad_w)
+
+
+class _RowTraffic:
+    """Reads and writes back, unchanged, the sampled rows of W and of each optimizer state."""
+
+    def __init__(self, tensors: list[torch.Tensor], ids: torch.Tensor | None) -> None:
+        self.tensors, self.ids = tensors, ids
+        self.rows = [] if ids is None else [torch.empty(ids.numel(), t.shape[1], dtype=t.dtype, device=t.device) for t in tensors]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.ids is None:
+            for t in self.tensors:
+                t.mul_(1.0)
+            return
+        for t, rows in zip(self.tensors, self.rows):
+            torch.index_select(t, 0, self.ids, out=rows)
+        for t, rows in zip(self.tensors, self.rows):
+            t.index_copy_(0, self.ids, rows)
 
 
 def _timed(fn: Any, group: Any) -> float:
@@ -99,13 +126,19 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the floor's own buffers
     floor = _GemmFloor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype)
     floor()
-    # steps and floors alternate, so both see the same machine (other load, clock, cache state)
-    steps, floors = zip(*[(_timed(step, ctx.group), _timed(floor, ctx.group)) for _ in range(cfg.steps)])
     state = opt.state[head.weight]
+    ids = None if cfg.sample_rate >= 1.0 else head.sampled_class_ids - head.class_range[0]
+    traffic = _RowTraffic([head.weight.detach(), *(t for t in state.values() if t.dim() == 2)], ids)
+    # steps and floors alternate, so both see the same machine (other load, clock, cache state)
+    steps, floors, moves = zip(*[
+        (_timed(step, ctx.group), _timed(floor, ctx.group), _timed(traffic, ctx.group)) for _ in range(cfg.steps)
+    ])
     return RankResult(
         step_s=statistics.median(steps),
         floor_s=statistics.median(floors),
         ratio=statistics.median(a / b for a, b in zip(steps, floors)),
+        traffic_s=statistics.median(moves),
+        ratio_with_traffic=statistics.median(a / (b + c) for a, b, c in zip(steps, floors, moves)),
         peak_rss_bytes=peak_rss,
         weight_bytes=head.weight.numel() * head.weight.element_size(),
         state_bytes=sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0),
@@ -126,6 +159,8 @@ def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
         "step_ms": 1000 * step_s,
         "floor_ms": 1000 * floor_s,
         "step_over_floor": ratio,
+        "row_traffic_ms": 1000 * max(r.traffic_s for r in ranks),
+        "step_over_floor_plus_traffic": max(r.ratio_with_traffic for r in ranks),
         "peak_rss_mb": worst_mem.peak_rss_bytes / 2**20,
         "slice_plus_state_mb": slice_state / 2**20,
         "rss_over_slice_plus_state": worst_mem.peak_rss_bytes / slice_state,
@@ -164,6 +199,7 @@ def _format(r: dict[str, Any]) -> str:
         f"C={r['num_classes']:,} r={r['sample_rate']} N={r['world_size']} B={r['batch_size']} "
         f"D={r['embedding_size']} {r['dtype']} {r['optimizer']}: K={r['sampled_rows_per_rank']:,} rows/rank  "
         f"step {r['step_ms']:.1f} ms  floor {r['floor_ms']:.1f} ms  step/floor {r['step_over_floor']:.2f}  "
+        f"row traffic {r['row_traffic_ms']:.1f} ms  step/(floor+traffic) {r['step_over_floor_plus_traffic']:.2f}  "
         f"peak RSS {r['peak_rss_mb']:.0f} MB = {r['rss_over_slice_plus_state']:.2f} x slice+state "
         f"({r['slice_plus_state_mb']:.0f} MB)"
     )
