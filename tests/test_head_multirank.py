@@ -110,3 +110,24 @@ def test_training_steps_identical_across_world_sizes() -> None:
     torch.testing.assert_close(torch.cat([r["weight"] for r in three]), one["weight"], rtol=1e-4, atol=1e-6)
     for r in three:
         assert r["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
+def _unequal_batches_and_wrong_rank(ctx: Any) -> list[str]:
+    from largefr.distributed import init_distributed
+
+    head = PartialFC(ALL_MARGINS[0], DIM, NUM_CLASSES, 1.0, ctx.group)
+    batch = BATCH + ctx.rank  # rank 1 brings one more row
+    messages = []
+    with pytest.raises(ValueError, match="different batch sizes") as info:
+        head(torch.randn(batch, DIM), torch.zeros(batch, dtype=torch.long))
+    messages.append(str(info.value))
+    with pytest.raises(RuntimeError, match="already initialised as rank") as info:
+        init_distributed(1 - ctx.rank, ctx.world_size, "env://")
+    messages.append(str(info.value))
+    return messages
+
+
+def test_unequal_batch_sizes_and_a_mismatched_group_raise_on_every_rank() -> None:
+    for rank, (sizes, group) in enumerate(run_ranks(_unequal_batches_and_wrong_rank, 2)):
+        assert f"[{BATCH}, {BATCH + 1}]" in sizes
+        assert f"rank {rank} of 2" in group

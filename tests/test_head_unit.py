@@ -172,6 +172,53 @@ def test_sgd_at_rate_one_matches_torch_sgd_over_steps() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 / 5)
 
 
+def test_sgd_follows_momentum_set_by_a_scheduler_or_a_loaded_state() -> None:
+    # OneCycleLR cycles the group's momentum although the optimizer was built without it
+    x, labels = make_batch(8, 20, seed=4)
+    head = PartialFC(margins.CosFace(scale=16.0), DIM, 20)
+    opt = head.optimizer("sgd", lr=0.1, momentum=0.0)
+    shadow = head.weight.detach().clone().requires_grad_(True)
+    dense = torch.optim.SGD([shadow], lr=0.1, momentum=0.0)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in (opt, dense)]
+    for _ in range(4):
+        head(x, labels).backward()
+        shadow.grad = head.row_grad().grad.clone()
+        opt.step(), dense.step(), opt.zero_grad()
+        for s in scheds:
+            s.step()
+    assert opt.param_groups[0]["momentum"] > 0
+    torch.testing.assert_close(head.weight.detach(), shadow.detach(), rtol=1e-6, atol=1e-7)
+    # a momentum-free state loaded into an optimizer built with momentum
+    plain = PartialFC(margins.CosFace(scale=16.0), DIM, 20).optimizer("sgd", lr=0.1)
+    with_momentum = PartialFC(margins.CosFace(scale=16.0), DIM, 20).optimizer("sgd", lr=0.1, momentum=0.9)
+    with_momentum.load_state_dict(plain.state_dict())
+    with_momentum.head(x, labels).backward()
+    with_momentum.step()
+    assert "momentum_buffer" not in with_momentum.state[with_momentum.head.weight]
+
+
+def test_weight_update_does_not_read_embeddings_changed_after_backward() -> None:
+    # one rank, fp32, unnormalised features: the W gradient must not alias the caller's tensor
+    def run(backbone_first: bool) -> torch.Tensor:
+        x, labels = make_batch(8, 20, seed=5)
+        emb = torch.nn.Parameter(x)
+        head = PartialFC(margins.Softmax(), DIM, 20)
+        opts = [torch.optim.SGD([emb], lr=10.0), head.optimizer("sgd", lr=0.1)]
+        head(emb, labels).backward()
+        for opt in opts if backbone_first else opts[::-1]:
+            opt.step()
+        return head.weight.detach().clone()
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_sample_size_is_the_exact_ceiling() -> None:
+    from largefr.heads.sampling import num_sampled
+
+    assert num_sampled(0.07, 100) == 7 and num_sampled(0.1, 1000) == 100 and num_sampled(0.105, 100) == 11
+    assert num_sampled(1.0, 33) == 33 and num_sampled(0.0, 33) == 0
+
+
 def test_optimizer_state_dict_round_trip() -> None:
     x, labels = make_batch(8, 20, seed=3)
     head = PartialFC(margins.ArcFace(scale=16.0), DIM, 20, sample_rate=0.5)
@@ -235,6 +282,7 @@ def test_frozen_embeddings_still_produce_weight_grad() -> None:
         (torch.randn(4, DIM), torch.tensor([0, 1, 2]), ValueError, r"labels must be \[B=4\]"),
         (torch.randint(0, 5, (4, DIM)), torch.tensor([0, 1, 2, 3]), TypeError, "floating-point"),
         (torch.full((4, DIM), float("nan")), torch.tensor([0, 1, 2, 3]), ValueError, "NaN"),
+        (torch.randn(0, DIM), torch.zeros(0, dtype=torch.long), ValueError, "B >= 1"),
     ],
 )
 def test_bad_input_raises(embeddings: torch.Tensor, labels: torch.Tensor, error: type, match: str) -> None:
@@ -302,3 +350,14 @@ def test_sphereface_annealing_follows_the_head_step() -> None:
     head.eval()
     head(x, labels)
     assert head.step == 3  # evaluation forwards do not advance the schedule
+
+
+def test_eval_mode_does_not_shift_the_training_draws() -> None:
+    x, labels = make_batch(6, 50, seed=7)
+    heads = [PartialFC(margins.CosFace(scale=16.0), DIM, 50, sample_rate=0.2, seed=3) for _ in range(2)]
+    heads[1].eval()
+    heads[1](x, labels)
+    heads[1].train()
+    for head in heads:
+        head(x, labels)
+    assert torch.equal(heads[0].sampled_class_ids, heads[1].sampled_class_ids)

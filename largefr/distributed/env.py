@@ -85,6 +85,11 @@ def init_distributed(
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise RuntimeError(
+            f"a process group is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"but rank {rank} of {world_size} was requested"
+        )
     group = dist.group.WORLD
     assert group is not None
     return DistContext(rank, world_size, local_rank, backend, device, group)

@@ -45,8 +45,12 @@ class PartialFC(nn.Module):
         seed: seeds W's initial value (identical global matrix for any world size) and the sampling.
         chunk_rows: if set, at most this many batch rows of logits are held at once (the logits are
             recomputed in backward; results are the same).
-        validate: check label range and finiteness of embeddings each step (one host sync); shape and
-            dtype checks always run.
+        validate: each step, check that every rank brings the same batch size (a tiny all-gather), and
+            the label range and finiteness of the gathered batch (host syncs). Without it, unequal batch
+            sizes fail inside the collective. Shape and dtype checks always run.
+
+    ``head.step`` counts training-mode forwards (micro-batches under gradient accumulation); margins
+    that anneal (SphereFace's lambda) follow it.
     """
 
     def __init__(
@@ -83,8 +87,14 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(embeddings, labels)
+        if self.validate:
+            _check_batch_sizes(embeddings.shape[0], embeddings.device, self.process_group)
         labels = labels.long()
         x_all = gather_rows_with_grad(embeddings.float(), self.process_group)
+        if x_all.data_ptr() == embeddings.data_ptr():
+            # one rank, fp32: the factored W gradient keeps x until the optimizer step, so it must not
+            # alias a tensor the caller may change first (e.g. embeddings updated by their own optimizer)
+            x_all = x_all.clone()
         labels_all = all_gather_rows(labels, self.process_group)
         if self.validate:
             _check_values(x_all, labels_all, self.num_classes)
@@ -114,7 +124,9 @@ class PartialFC(nn.Module):
         if self.sample_rate >= 1.0:
             self.sampled_class_ids = torch.arange(start, self.class_range[1], device=weight.device)
             return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, None, ()
-        ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, self._rng(weight.device))
+        # in eval mode the draw comes from a generator of its own: evaluating never shifts the training draws
+        rng = self._rng(weight.device) if self.training else self._eval_rng(weight.device)
+        ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
         rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
         inv_norm = torch.empty(ids.numel(), device=weight.device) if self.margin.normalize_weight else None
         # gather in blocks so each block's norms are taken while it is still in cache
@@ -132,6 +144,10 @@ class PartialFC(nn.Module):
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.rank)
         return self._generator
+
+    def _eval_rng(self, device: torch.device) -> torch.Generator:
+        """Seeded by (seed, rank, training step): the same eval draw for the same model state."""
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 7_919 + self.step + 1)
 
     def _record_grad(
         self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
@@ -180,8 +196,8 @@ class PartialFC(nn.Module):
             self._rng(self.weight.device).set_state(state["rng"])
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {list(embeddings.shape)}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or embeddings.shape[0] == 0:
+            raise ValueError(f"embeddings must be [B, {self.embedding_size}] with B >= 1, got {list(embeddings.shape)}")
         if not embeddings.is_floating_point():
             raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
@@ -212,6 +228,16 @@ def _check_args(margin: Margin, embedding_size: int, num_classes: int, sample_ra
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate!r}")
     if chunk_rows is not None and not (isinstance(chunk_rows, int) and chunk_rows > 0):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+
+
+def _check_batch_sizes(batch: int, device: torch.device, group: ProcessGroup | None) -> None:
+    """Every rank must bring the same batch size: the row all-gather has no other way to tell them apart."""
+    sizes = all_gather_rows(torch.tensor([batch], device=device), group)
+    if (sizes != batch).any():
+        raise ValueError(
+            f"ranks hold different batch sizes {sizes.tolist()}; the head needs the same B on every rank "
+            "(drop or pad the last batch)"
+        )
 
 
 def _check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:

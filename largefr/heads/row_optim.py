@@ -69,6 +69,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         """
         weight = self.head.weight.detach()
         state = self.state[self.head.weight]
+        for name in self._active_state_names():  # e.g. momentum switched on by a scheduler or a loaded state
+            if name not in state:
+                state[name] = torch.zeros_like(weight)
         buffers = [state[name] for name in self._active_state_names()]
         ids = row_grad.ids
         scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight)
@@ -111,7 +114,8 @@ class RowSparseSGD(_RowSparseOptimizer):
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     def _active_state_names(self) -> tuple[str, ...]:
-        return self.state_names if self.defaults["momentum"] > 0 else ()
+        # read at each step: schedulers (OneCycleLR) and load_state_dict change the group's momentum
+        return self.state_names if self.param_groups[0]["momentum"] > 0 else ()
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         group = self.param_groups[0]

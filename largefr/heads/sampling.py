@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> t
 
 def num_sampled(sample_rate: float, num_local: int) -> int:
     """ceil(r * local classes), the sample size before positives that do not fit are added."""
-    return min(num_local, math.ceil(sample_rate * num_local))
+    # exact: in floats 0.07 * 100 = 7.000000000000001 would round up to 8
+    return min(num_local, math.ceil(Fraction(repr(float(sample_rate))) * num_local))
 
 
 def sample_classes(
