@@ -1,6 +1,8 @@
 """Checkpoints on 1 and 2 gloo ranks: exact round trips, resharding 1 -> 2 -> 1 (uneven), atomicity."""
 import json
+import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +165,44 @@ def test_checkpoint_round_trip_keep_last_crash_and_resharding(tmp_path):
     root = str(tmp_path / "ckpt")
     run_ranks(two_ranks_save_load_keep_last_crash_reshard, 2, root)
     run_ranks(one_rank_reads_two_rank_checkpoint, 1, root)
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def save_steps(ctx, root: str, steps: list[int], keep_last: int) -> Path:
+    for step in steps:
+        path = save_checkpoint(root, step, {"progress": {"step": step}}, ctx, keep_last=keep_last)
+    return path
+
+
+def resume_from_an_earlier_step(ctx, root: str) -> dict:
+    """A run reached step 4; it is continued from step 2 and writes step 3 (keep_last 1, then 2)."""
+    handler = Collect()
+    logging.getLogger("largefr.train").addHandler(handler)
+    out = {}
+    for keep_last, before in ((1, [2, 4]), (2, [1, 2, 4])):
+        run = f"{root}/keep{keep_last}"
+        save_steps(ctx, run, before, keep_last=3)
+        written = save_steps(ctx, run, [3], keep_last=keep_last)
+        resumed = load_checkpoint(latest_checkpoint(run), {"progress": {"step": -1}}, ctx)["progress"]["step"]
+        out[keep_last] = ([s for s, _ in completed_checkpoints(run)], latest_checkpoint(run) == written, resumed)
+    out["warnings"] = handler.messages
+    return out
+
+
+def test_continuing_from_an_earlier_step_keeps_the_new_checkpoint(tmp_path):
+    out = run_ranks(resume_from_an_earlier_step, 1, str(tmp_path))[0]
+    assert out[1] == ([3], True, 3)  # step_3 was pruned (step_4 kept) before the fix
+    assert out[2] == ([2, 3], True, 3)  # the abandoned step_4 would be auto-resumed instead of step_3
+    assert len(out["warnings"]) == 2
+    assert all("removing 1 checkpoint(s) past step 3" in m and m.endswith("step_00000004") for m in out["warnings"])
 
 
 def test_latest_checkpoint_ignores_tmp_and_incomplete_dirs(tmp_path):

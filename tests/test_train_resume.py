@@ -101,17 +101,20 @@ def test_resume_continues_exactly(runs: tuple[Path, Path], tmp_path: Path):
 @pytest.mark.slow
 def test_single_process_cli_resumes_a_two_rank_checkpoint(runs: tuple[Path, Path], dataset: Path, tmp_path: Path):
     """`largefr train` without torchrun, from the 2-rank step-N checkpoint: the head is resharded onto one
-    rank and the loader position rescaled (2 ranks x 2 images per step -> 1 rank x 2 images)."""
+    rank, and the loader position, the step and the LR schedule are rescaled (2 ranks x 2 images per
+    step -> 1 rank x 2 images)."""
     from largefr.cli import main
 
     _, split = runs
     start = [p for s, p in completed_checkpoints(split / "checkpoints") if s == N_STEPS][0]
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic_cpu.yaml"
     sets = [a for s in overrides(dataset, tmp_path / "one") for a in ("--set", s)]
-    assert main(["train", str(config), *sets, "--resume", str(start), "--max-steps", str(N_STEPS + 2)]) == 0
+    # 5 steps x 2 ranks x 2 images = 20 samples of epoch 0: 10 one-rank steps; then one more (the schedule's end)
+    resumed = 2 * N_STEPS
+    assert main(["train", str(config), *sets, "--resume", str(start), "--max-steps", str(resumed + 1)]) == 0
     final = latest_checkpoint(tmp_path / "one" / "checkpoints")
-    assert read_meta(final)["step"] == N_STEPS + 2 and read_meta(final)["world_size"] == 1
+    assert read_meta(final)["step"] == resumed + 1 == TOTAL_STEPS and read_meta(final)["world_size"] == 1
     flat = flat_checkpoint(final, tmp_path)
     assert flat["head"]["weight"].shape[0] == 8  # every class on the one rank
-    # 5 steps x 2 ranks x 2 images = 20 samples of epoch 0, i.e. 10 one-rank batches, then 2 more steps
-    assert flat["loader"]["rank0"]["step"] == 12 and flat["progress"]["epoch"] == 0
+    assert flat["loader"]["rank0"]["step"] == resumed + 1 and flat["progress"]["epoch"] == 0
+    assert flat["progress"]["step"] == flat["scheduler"]["last_step"] == resumed + 1

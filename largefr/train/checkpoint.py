@@ -23,6 +23,7 @@ Per-rank RNG states (torch, numpy, python, and the accelerator's) are saved and 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -46,6 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from largefr.distributed import DistContext
+
+log = logging.getLogger("largefr.train")
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _RNG_KEY = "_rng"
@@ -154,7 +157,8 @@ def save_checkpoint(
 
     ``meta`` (e.g. :func:`backbone_meta`) goes into ``meta.json`` with the step and world size; when
     ``state["backbone"]`` is a module its plain state_dict is also written as ``backbone.pt``.
-    Afterwards only the newest ``keep_last`` complete checkpoints are kept.
+    Afterwards this one and the ``keep_last - 1`` before it are kept; checkpoints of later steps (an
+    abandoned continuation of a run resumed from an earlier step) are removed, with a warning.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -187,13 +191,29 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in completed_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _prune(root, step, keep_last)
 
     _on_main_then_share_errors(publish, ctx)
     return final
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    """After writing ``step``: keep it and the newest ``keep_last - 1`` earlier checkpoints.
+
+    Checkpoints past ``step`` are removed: the run was resumed from an earlier step (or with another
+    step size), so they belong to an abandoned continuation that auto-resume must not pick.
+    """
+    checkpoints = completed_checkpoints(root)
+    abandoned = [path for s, path in checkpoints if s > step]
+    if abandoned:
+        log.warning("removing %d checkpoint(s) past step %d, the step just written (a run continued from an "
+                    "earlier point; auto-resume must not pick them): %s", len(abandoned), step,
+                    ", ".join(path.name for path in abandoned))
+    earlier = [path for s, path in checkpoints if s < step]
+    for old in abandoned + earlier[: max(0, len(earlier) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, restore_rng: bool = True) -> dict[str, Any]:

@@ -6,20 +6,27 @@ offset, so a checkpoint reshards to another world size); the LR schedule; the lo
 position (replicated: epoch, optimizer step) and each rank's loader state and head sampling RNG
 (per rank); RNG states (added by the checkpoint module). ``config.yaml`` (the resolved config) and
 ``meta.json`` (what ``largefr eval`` needs to rebuild the backbone) are written next to them.
+
+Resumed with another world size, batch size or ``train.grad_accum``, a step of the checkpoint holds
+another number of samples: the optimizer step and the LR schedule are then re-derived from the data
+consumed (whole epochs plus the loader's rescaled position), so the run still ends after the
+configured epochs and the LR follows the fraction of the data seen.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers
 from largefr.heads import PartialFC
-from largefr.train.build import TrainParts
+from largefr.train.build import TrainParts, steps_per_epoch
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
@@ -29,6 +36,8 @@ from largefr.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+
+log = logging.getLogger("largefr.train")
 
 
 class HeadWeight:
@@ -51,6 +60,18 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """The samples of one optimizer step: ranks x batch per rank x accumulated micro-batches."""
+
+    world_size: int
+    batch_size: int
+    grad_accum: int
+
+    def __str__(self) -> str:
+        return f"{self.world_size} ranks x batch {self.batch_size} x grad_accum {self.grad_accum}"
 
 
 def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) -> dict[str, Any]:
@@ -86,7 +107,8 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
 
     At the world size of the save everything continues exactly. At another world size the W slices
     are resharded, the loader position is rescaled by global samples consumed, and the head's sampling
-    RNG starts afresh.
+    RNG starts afresh. At another world size, batch size or grad_accum the step and the LR schedule
+    are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
     same_world = int(read_meta(path)["world_size"]) == parts.ctx.world_size
@@ -105,6 +127,50 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     else:  # rank 0's saved position; the loader rescales it to this world size
         loader_state = _broadcast_rank0_loader_state(parts, loaded["loader"])
     loader.load_state_dict(loader_state)
+    now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
+    saved = _saved_step_size(Path(path), loader_state, now)
+    if saved != now:
+        progress = _rederive_progress(parts, loader, progress)
+        log.info("checkpoint %s was trained with %s, this run uses %s: step %d of it continues as step %d "
+                 "(epoch %d; the LR schedule too)", path, saved, now, int(progress_state["step"]), progress.step,
+                 progress.epoch)
+    return progress
+
+
+def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) -> StepSize:
+    """The step size of the run that wrote ``path``; ``loader_state``: the position saved by its rank 0
+    (or by this rank, at the same world size). What is not recorded is taken to be as ``now``."""
+    batch_size = int(loader_state.get("batch_size", now.batch_size))  # as FaceLoader.load_state_dict
+    return StepSize(int(read_meta(path)["world_size"]), batch_size, _saved_grad_accum(path, now.grad_accum))
+
+
+def _saved_grad_accum(path: Path, current: int) -> int:
+    """``train.grad_accum`` of the run that wrote ``path`` (from the config.yaml saved with it)."""
+    config = path / "config.yaml"
+    if not config.is_file():
+        log.warning("checkpoint %s has no config.yaml; assuming it was trained with train.grad_accum=%d",
+                    path, current)
+        return current
+    raw = yaml.safe_load(config.read_text()) or {}
+    return int((raw.get("train") or {}).get("grad_accum", 1))
+
+
+def _rederive_progress(parts: TrainParts, loader: FaceLoader, saved: Progress) -> Progress:
+    """The optimizer step of this setup that has consumed the data of ``saved``: its whole epochs and
+    the loader's (rescaled) position in its epoch, rounded down to whole optimizer steps (the loader is
+    moved back to that step, so at most ``grad_accum - 1`` batches are seen again). The LR scheduler is
+    set to that step."""
+    accum = parts.cfg.train.grad_accum
+    position = loader.state_dict()
+    in_epoch = 0
+    if int(position["epoch"]) == saved.epoch:  # else the loader's epoch ended; set_epoch starts the next
+        batches = int(position["step"])
+        in_epoch = batches // accum
+        if in_epoch * accum != batches:
+            step = in_epoch * accum
+            loader.load_state_dict({**position, "step": step, "position": step * loader.config.batch_size})
+    progress = Progress(saved.epoch * steps_per_epoch(loader, accum) + in_epoch, saved.epoch)
+    parts.scheduler.load_state_dict({"last_step": progress.step})
     return progress
 
 
