@@ -141,3 +141,16 @@ def test_convert_folder_reencodes_resizes_and_skips_broken(tmp_path):
     assert abs(int(pixel[0]) - 2) < 6  # bob/b.png, converted from PNG
     with pytest.raises(ValueError, match="no identity sub-folders"):
         convert_folder(tmp_path / "out", tmp_path / "o2", workers=1, progress=False)
+
+
+@pytest.mark.parametrize("label", [float("nan"), float("inf"), -2.0, 1.5])
+def test_convert_rec_rejects_a_label_that_is_not_a_class_id_naming_record_and_file(tmp_path, label):
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        w.write(0, pack_record((3.0, 4.0), b""))  # images 1..2, one identity record
+        w.write(1, pack_record(1.0, _jpeg(1), id=1))
+        w.write(2, pack_record(label, _jpeg(2), id=2))
+        w.write(3, pack_record((1.0, 3.0), b""))
+    with pytest.raises(RecordIOError, match=rf"train\.rec record 2: label {label} is not a class id"):
+        convert_rec(tmp_path / "train.rec", tmp_path / "out", workers=1, progress=False)
+    with pytest.raises(RecordIOError, match="record 2"):
+        list(iter_face_rec(tmp_path / "train.rec"))

@@ -20,7 +20,7 @@ from PIL import Image
 from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, finish_manifest, plan_by_bytes,
                                 run_tasks, shard_bytes_for)
 from largefr.data.manifest import Manifest
-from largefr.data.recordio import RecordIOError, RecordIOReader, face_rec_layout, read_record, unpack_record
+from largefr.data.recordio import RecordIOReader, face_rec_layout, read_record, record_class_id, unpack_record
 from largefr.data.shards import jpeg_size
 
 log = logging.getLogger("largefr.data")
@@ -61,9 +61,7 @@ class RecSource:
         with open(self.rec_path, "rb") as f:
             for key, offset in items:
                 header, image = unpack_record(read_record(f, self.rec_path, offset))
-                label = int(header.class_id)
-                if label < 0 or label != header.class_id:
-                    raise RecordIOError(f"{self.rec_path} record {key}: label {header.class_id} is not a class id >= 0")
+                label = record_class_id(header, self.rec_path, key)
                 data, reason = to_jpeg(image, self.image_size, self.quality, self.verify)
                 yield f"{key:09d}", data, label, reason
 

@@ -14,6 +14,7 @@ are keys ``1 .. label[0]-1`` (label = class id) and keys ``label[0] .. label[1]-
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections import Counter
@@ -46,6 +47,15 @@ class IRHeader:
     def class_id(self) -> float:
         """The scalar label, or the first of several (insightface stores the class id there)."""
         return self.label if isinstance(self.label, float) else self.label[0]
+
+
+def record_class_id(header: IRHeader, rec_path: str | os.PathLike[str], key: int) -> int:
+    """The class id of image record ``key``; RecordIOError naming the record when the stored float32
+    label is not a finite integer >= 0 (NaN, inf, negative or fractional)."""
+    value = header.class_id
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise RecordIOError(f"{rec_path} record {key}: label {value} is not a class id (a finite integer >= 0)")
+    return int(value)
 
 
 def pack_record(label: float | Sequence[float], payload: bytes, id: int = 0, id2: int = 0) -> bytes:
@@ -257,6 +267,6 @@ def iter_face_rec(rec_path: str | os.PathLike[str]) -> Iterator[tuple[int, int, 
     try:
         for key in face_rec_layout(reader).image_keys:
             header, image = unpack_record(reader.read(key))
-            yield key, int(header.class_id), image
+            yield key, record_class_id(header, rec_path, key), image
     finally:
         reader.close()
