@@ -210,8 +210,8 @@ def test_held_batches_are_never_overwritten(dataset, kind):
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia.dali missing")
 def test_dali_images_are_the_decoded_pixels_normalised_and_flipped(tmp_path):
-    # DALI hands over uint8 CHW (flipped in the pipeline); torch converts to float32 in [-1,1]: the values
-    # are (pixel - 127.5) / 127.5 of DALI's own decode, and each row is its image or its mirror image
+    # DALI's crop_mirror_normalize outputs float32 CHW in [-1,1], mirrored where the plan flips the sample:
+    # the values are (pixel - 127.5) / 127.5 of DALI's own decode, and each row is its image or its mirror
     import numpy as np
     from nvidia.dali import fn, pipeline_def, types
 

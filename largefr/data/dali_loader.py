@@ -9,7 +9,11 @@ nvJPEG ``mixed`` decoding on ``device`` otherwise.
 DALI stops a pipeline at an undecodable image. Then the positions just ahead of the last delivered batch
 are probed one by one (same decoder, plus the label check), the bad ones are excluded and the pipeline
 is rebuilt at the last delivered position: the batch is filled from the next samples and labels stay
-attached to their images.
+attached to their images. A batch whose images are not the manifest's ``image_size`` is treated the same way.
+
+Horizontal flips follow the plan (``EpochPlan.flips`` of each sample's position, fed to the pipeline by
+``fn.external_source``), as in the torch loader, so a resumed or rebuilt pipeline mirrors the same samples.
+With ``shuffle_buffer > 0`` the reader's order is DALI's own: the flip is then DALI's coin flip.
 """
 from __future__ import annotations
 
@@ -23,14 +27,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from largefr.data.loader import Batch, FaceLoader, LoaderConfig, parse_label
+from largefr.data.labels import LABEL_PAD, parse_label, parse_label_rows
+from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error
 from largefr.data.manifest import Manifest
 from largefr.data.plan import EpochPlan
 from largefr.data.samples import ShardReader
 
 log = logging.getLogger("largefr.data")
-
-_PAD_BYTES = (0, 9, 10, 13, 32)
 
 
 class BadBatch(RuntimeError):
@@ -65,11 +68,34 @@ def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.accelerator.current_device_index()
 
 
+class FlipSource:
+    """``fn.external_source`` callback: int32 mirror flags of the next batch, for a reader that reads the
+    listing's positions in order (restarting at the first past the end; such batches are never delivered)."""
+
+    def __init__(self, flags: np.ndarray, batch_size: int) -> None:
+        if len(flags) == 0:
+            raise ValueError("an empty listing has no flips to feed")
+        self.flags = np.asarray(flags, dtype=np.int32)
+        self.batch_size = batch_size
+        self._next = 0
+
+    def __call__(self) -> np.ndarray:
+        take = (self._next + np.arange(self.batch_size)) % len(self.flags)
+        self._next = int(take[-1]) + 1
+        return self.flags[take]
+
+
 def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
-                   seed: int, shuffle_buffer: int = 0, flip: bool = True, decode_only: bool = False) -> Any:
-    """Reader + decoder (+ flip and normalise to float32 CHW in [-1,1], and padded label bytes)."""
+                   seed: int, shuffle_buffer: int = 0, flip: bool = True, decode_only: bool = False,
+                   flips: np.ndarray | None = None) -> Any:
+    """Reader + decoder (+ flip and normalise to float32 CHW in [-1,1], and label bytes as int16 padded
+    with ``LABEL_PAD``). ``flips``: a mirror flag per listing position (in listing order); None with
+    ``flip`` draws a coin flip per sample."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
+    if flips is not None and (shuffle_buffer > 0 or len(flips) != len(listing.positions)):
+        raise ValueError(f"flips ({len(flips)}) must be one per listing position ({len(listing.positions)}) "
+                         f"read in order (shuffle_buffer=0, got {shuffle_buffer})")
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
                          seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
     with pipe:
@@ -82,10 +108,16 @@ def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, devic
         if decode_only:
             pipe.set_outputs(images)
         else:
-            mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+            if not flip:
+                mirror = 0
+            elif flips is None:
+                mirror = fn.random.coin_flip(probability=0.5)
+            else:
+                mirror = fn.external_source(source=FlipSource(flips, batch_size), batch=True, dtype=types.INT32)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
-            pipe.set_outputs(images, fn.pad(cls, fill_value=0))
+            labels = fn.pad(fn.cast(cls, dtype=types.INT16), fill_value=LABEL_PAD)
+            pipe.set_outputs(images, labels)
     pipe.build()
     return pipe
 
@@ -95,9 +127,10 @@ def write_listing(plan: EpochPlan, reader: ShardReader, q0: int, q1: int, exclud
     """Index files for rank positions [q0, q1) without the ``excluded`` ones."""
     directory.mkdir(parents=True, exist_ok=True)
     positions, tars, indexes = [], [], []
+    dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
     for n, seg in enumerate(plan.segments(q0, q1)):
         pos = np.arange(seg.start, seg.start + len(seg.rows))
-        keep = np.array([p not in excluded for p in pos.tolist()], dtype=bool) if excluded else slice(None)
+        keep = ~np.isin(pos, dropped) if len(dropped) else slice(None)
         rows, pos = seg.rows[keep], pos[keep]
         if len(rows) == 0:
             continue
@@ -110,17 +143,8 @@ def write_listing(plan: EpochPlan, reader: ShardReader, q0: int, q1: int, exclud
 
 
 def parse_label_batch(raw: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 [B] from the zero-padded ``.cls`` bytes [B, L]; BadBatch if any row is not a class id."""
-    raw = raw.astype(np.int64)
-    pad = np.isin(raw, _PAD_BYTES)
-    digit = (raw >= 48) & (raw <= 57)
-    started = np.cumsum(digit, axis=1) > 0
-    ended = np.cumsum(pad & started, axis=1) > 0
-    ok = digit.any(axis=1) & (digit | pad).all(axis=1) & ~(digit & ended).any(axis=1) & (digit.sum(axis=1) <= 18)
-    values = np.zeros(raw.shape[0], dtype=np.int64)
-    for col in range(raw.shape[1]):
-        values = np.where(digit[:, col] & ok, values * 10 + raw[:, col] - 48, values)
-    ok &= values < num_classes
+    """int64 [B] from the ``LABEL_PAD``-padded ``.cls`` bytes [B, L]; BadBatch if any row is not a class id."""
+    values, ok = parse_label_rows(raw, num_classes)
     if not ok.all():
         raise BadBatch(f"rows {np.flatnonzero(~ok).tolist()} of the batch have no valid class id")
     return values
@@ -179,18 +203,18 @@ class DaliLoader(FaceLoader):
 
     def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
         c = self.config
+        limit = position + (plan.steps - step) * c.batch_size + plan.block_size  # as the torch loader
         reader = ShardReader(self.manifest, max_open=4)
         tmp = Path(tempfile.mkdtemp(prefix="largefr-dali-"))
         excluded: set[int] = set()
         q, rebuilds = position, 0
         try:
             while step < plan.steps:
-                need = (plan.steps - step) * c.batch_size + c.batch_size + c.shuffle_buffer
-                listing = write_listing(plan, reader, q, q + need, excluded, tmp / f"listing-{rebuilds}")
-                pipe = build_pipeline(listing, batch_size=c.batch_size, num_threads=c.num_threads,
-                                      device_id=self.device_id, prefetch=c.prefetch,
-                                      seed=self._pipeline_seed(plan, rebuilds), shuffle_buffer=c.shuffle_buffer,
-                                      flip=c.flip)
+                listing = self._listing(plan, reader, q, step, limit, excluded, tmp / f"listing-{rebuilds}")
+                if len(listing.positions) < c.batch_size:
+                    corrupt = sum(1 for p in excluded if p < limit)
+                    raise out_of_samples_error(c.rank, plan, corrupt, self.manifest.root)
+                pipe = self._pipeline(plan, listing, rebuilds)
                 shutil.rmtree(listing.directory, ignore_errors=True)
                 rebuilds += 1
                 k = 0
@@ -209,6 +233,22 @@ class DaliLoader(FaceLoader):
             reader.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _listing(self, plan: EpochPlan, reader: ShardReader, q: int, step: int, limit: int, excluded: set[int],
+                 directory: Path) -> Listing:
+        """Positions from ``q`` on, enough for the remaining batches (+ one, + the shuffle buffer) after the
+        exclusions, but not past ``limit``: shorter than a batch only when the rank ran out of samples."""
+        c = self.config
+        need = (plan.steps - step + 1) * c.batch_size + c.shuffle_buffer
+        q1 = min(limit, q + need + sum(1 for p in excluded if p >= q))
+        return write_listing(plan, reader, q, q1, excluded, directory)
+
+    def _pipeline(self, plan: EpochPlan, listing: Listing, rebuilds: int) -> Any:
+        c = self.config
+        flips = plan.flips(listing.positions) if c.flip and c.shuffle_buffer == 0 else None
+        return build_pipeline(listing, batch_size=c.batch_size, num_threads=c.num_threads, device_id=self.device_id,
+                              prefetch=c.prefetch, seed=self._pipeline_seed(plan, rebuilds),
+                              shuffle_buffer=c.shuffle_buffer, flip=c.flip, flips=flips)
+
     def _run(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -218,11 +258,15 @@ class DaliLoader(FaceLoader):
             dense = images_out.as_tensor()
         except RuntimeError as exc:
             raise BadBatch(f"images of different sizes in one batch ({exc})") from exc
+        shape = tuple(dense.shape())
+        if shape[2:] != tuple(self.manifest.image_size):
+            h, w = self.manifest.image_size
+            raise BadBatch(f"the batch's images are {shape[2]}x{shape[3]}, the manifest says {h}x{w}")
         if self.device_id is None:
             # zero-copy: with exec_dynamic a buffer stays DALI-owned and untouched while Python holds it
             images = torch.from_dlpack(dense)
         else:
-            images = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=c.device)
+            images = torch.empty(shape, dtype=torch.float32, device=c.device)
             feed_ndarray(dense, images, cuda_stream=torch.accelerator.current_stream(c.device))
         labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
         return images, torch.from_numpy(labels).to(c.device)

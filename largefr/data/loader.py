@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import operator
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -124,20 +125,26 @@ class FaceLoader(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at (epoch, step). Saved with another world size or batch size, the epoch is kept and
-        the step rescaled by the global samples consumed (the exact position is then unknown)."""
-        try:
-            epoch, step, position = int(state["epoch"]), int(state["step"]), int(state["position"])
-            skipped = int(state.get("skipped", 0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"loader state {state!r} lacks integer epoch/step/position") from exc
+        the step rescaled by the global samples consumed (the exact position is then unknown). A state
+        saved with another seed describes another sample order and is refused."""
+        epoch, step, position, skipped = _state_ints(state, ("epoch", "step", "position", "skipped"))
         c = self.config
-        if (state.get("world_size", c.world_size), state.get("batch_size", c.batch_size)) != (c.world_size, c.batch_size):
-            consumed = step * int(state["world_size"]) * int(state["batch_size"])
-            step = consumed // (c.world_size * c.batch_size)
-            position = step * c.batch_size
-        if not 0 <= step <= len(self):
-            raise ValueError(f"loader state step={step} is outside [0, {len(self)}] batches per epoch")
-        self._state = LoaderState(epoch, step, position, skipped)
+        if "seed" in state and _state_ints(state, ("seed",))[0] != c.seed:
+            raise ValueError(f"loader state was saved with seed={state['seed']!r}, this loader uses seed={c.seed}: "
+                             "the sample order differs, so its position means nothing here")
+        saved_world, saved_batch = _saved_sizes(state, c)
+        if epoch < 0 or skipped < 0 or step < 0:
+            raise ValueError(f"loader state epoch={epoch}, step={step}, skipped={skipped}: expected integers >= 0")
+        resumed = step * saved_world * saved_batch // (c.world_size * c.batch_size)
+        if resumed > len(self):
+            raise ValueError(f"loader state step={step} (world_size={saved_world}, batch_size={saved_batch}) is "
+                             f"step {resumed} here, outside [0, {len(self)}] batches per epoch")
+        if position < step * saved_batch:
+            raise ValueError(f"loader state position={position} is below step x batch_size = {step} x {saved_batch}: "
+                             "a position counts every sample consumed, skipped ones included")
+        if (saved_world, saved_batch) != (c.world_size, c.batch_size):
+            position = resumed * c.batch_size
+        self._state = LoaderState(epoch, resumed, position, skipped)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         state = self._state
@@ -165,13 +172,42 @@ class FaceLoader(abc.ABC):
         """Yield the batches ``step, step+1, ...`` of the epoch, reading from rank position ``position``."""
 
 
-def parse_label(raw: bytes, num_classes: int) -> int | None:
-    """The class id of a ``.cls`` payload, or None when it is not a decimal in [0, num_classes)."""
-    text = raw.strip()
-    if not text.isdigit() or len(text) > 18:
-        return None
-    value = int(text)
-    return value if value < num_classes else None
+def _state_ints(state: dict[str, Any], names: tuple[str, ...]) -> list[int]:
+    """Integer fields of a loader state (``skipped`` defaults to 0); ValueError naming a bad one."""
+    values = []
+    for name in names:
+        value = state.get(name, 0 if name == "skipped" else None)
+        try:
+            if isinstance(value, bool):
+                raise TypeError("a bool is not a count")
+            values.append(operator.index(value))
+        except TypeError as exc:
+            raise ValueError(f"loader state {name}={value!r} in {state!r}: expected an integer") from exc
+    return values
+
+
+def _saved_sizes(state: dict[str, Any], config: LoaderConfig) -> tuple[int, int]:
+    """(world_size, batch_size) the state was saved with: both recorded, or neither (then this loader's)."""
+    present = [name for name in ("world_size", "batch_size") if name in state]
+    if not present:
+        return config.world_size, config.batch_size
+    if len(present) == 1:
+        missing = "batch_size" if present[0] == "world_size" else "world_size"
+        raise ValueError(f"loader state records {present[0]}={state[present[0]]!r} but no {missing}: "
+                         "both are needed to rescale its position")
+    world, batch = _state_ints(state, ("world_size", "batch_size"))
+    if world < 1 or batch < 1:
+        raise ValueError(f"loader state world_size={world}, batch_size={batch}: expected integers >= 1")
+    return world, batch
+
+
+def out_of_samples_error(rank: int, plan: EpochPlan, corrupt: int, root: object) -> RuntimeError:
+    """The error of a rank whose planned positions (its block and one more pass over it) hold too few
+    valid samples to fill its batches."""
+    return RuntimeError(
+        f"rank {rank} epoch {plan.epoch}: ran out of valid samples after {corrupt} corrupt ones in {root}: "
+        f"more than {plan.block_size} samples of this rank are unreadable"
+    )
 
 
 class BufferPool:

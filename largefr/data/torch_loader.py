@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from largefr.data.loader import Batch, BufferPool, FaceLoader, LoaderConfig, normalise_images, parse_label
+from largefr.data.labels import parse_label
+from largefr.data.loader import (Batch, BufferPool, FaceLoader, LoaderConfig, normalise_images,
+                                  out_of_samples_error)
 from largefr.data.manifest import Manifest
 from largefr.data.plan import EpochPlan
 from largefr.data.samples import ShardReader, decode_image
@@ -110,11 +112,12 @@ class TorchLoader(FaceLoader):
         labels: list[torch.Tensor] = []
         ends: list[torch.Tensor] = []
         bad_positions: deque[int] = deque()
-        have = 0
+        have, corrupt = 0, 0
         for chunk in loader:
             for q, where, reason in chunk.bad:
                 log.warning("rank %d: skipping corrupt sample %s: %s", c.rank, where, reason)
                 bad_positions.append(q)
+            corrupt += len(chunk.bad)
             images.append(chunk.images)
             labels.append(chunk.labels)
             ends.append(chunk.positions)
@@ -130,10 +133,7 @@ class TorchLoader(FaceLoader):
                     skipped += 1
                 have -= c.batch_size
                 yield Batch(normalise_images(batch_images, c.device, self._pool), batch_labels.to(c.device), end, skipped)
-        raise RuntimeError(
-            f"rank {c.rank} epoch {plan.epoch}: ran out of valid samples after {len(bad_positions)} corrupt ones "
-            f"in {self.manifest.root}: more than {plan.block_size} samples of this rank are unreadable"
-        )
+        raise out_of_samples_error(c.rank, plan, corrupt, self.manifest.root)
 
 
 def _take(parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
