@@ -46,6 +46,8 @@ class PlanInput:
         for name in ("head_optimizer", "backbone_optimizer"):
             if getattr(self, name) not in OPTIMIZER_STATES:
                 raise ValueError(f"{name} must be one of {sorted(OPTIMIZER_STATES)}, got {getattr(self, name)!r}")
+        if self.chunk_rows is not None and not (isinstance(self.chunk_rows, int) and self.chunk_rows > 0):
+            raise ValueError(f"chunk_rows must be a positive int or None, got {self.chunk_rows!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -112,29 +114,43 @@ def _add_backbone(plan: MemoryPlan, inp: PlanInput) -> None:
     plan.terms["backbone: parameters"] = params * 4
     plan.terms["backbone: gradients"] = params * 4
     plan.terms["backbone: optimizer state"] = OPTIMIZER_STATES[inp.backbone_optimizer] * params * 4
-    per_sample = saved_activation_bytes(inp.backbone, inp.embedding_size, inp.image_size, inp.precision)
+    per_sample, constant = saved_activation_bytes(inp.backbone, inp.embedding_size, inp.image_size, inp.precision)
     plan.terms["backbone: activations"] = per_sample * inp.batch_size
-    plan.notes.append(f"activations measured on one sample: {per_sample / 2**20:.1f} MiB saved for backward")
+    if constant:
+        plan.terms["backbone: batch-independent saved tensors"] = constant
+    plan.notes.append(f"activations measured at two batch sizes: {per_sample / 2**20:.1f} MiB per sample saved for backward")
 
 
-def saved_activation_bytes(name: str, embedding_size: int, image_size: int, precision: Precision) -> int:
-    """Bytes autograd saves for backward for one image (run on CPU, counted by saved-tensor hooks)."""
+def saved_activation_bytes(name: str, embedding_size: int, image_size: int, precision: Precision) -> tuple[int, int]:
+    """(bytes per image, batch-independent bytes) that autograd saves for backward, not counting the
+    parameters themselves (run on CPU, counted by saved-tensor hooks at batch 2 and 4; the part that
+    does not grow with the batch is mostly autocast's low-precision weight copies, plus BatchNorm's
+    per-channel statistics)."""
+    small, large = (_saved_bytes(name, embedding_size, image_size, precision, batch) for batch in (2, 4))
+    per_sample = math.ceil(max(0, large - small) / 2)
+    return per_sample, max(0, small - 2 * per_sample)
+
+
+def _saved_bytes(name: str, embedding_size: int, image_size: int, precision: Precision, batch: int) -> int:
     from largefr.models import build_backbone
 
+    torch.manual_seed(0)
     model = build_backbone(name, embedding_size).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     low = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision)  # CPU autocast runs bf16
-    x = torch.randn(2, 3, image_size, image_size)  # 2: BatchNorm needs more than one value per channel
+    x = torch.randn(batch, 3, image_size, image_size)  # >= 2: BatchNorm needs more than one value per channel
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=low or torch.float32, enabled=low is not None):
             model(x)
-    return math.ceil(sum(seen.values()) / 2)
+    return sum(seen.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

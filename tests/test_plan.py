@@ -38,7 +38,25 @@ def test_backbone_terms_and_errors() -> None:
         params = sum(p.numel() for p in build_backbone("mobilefacenet", 64).parameters())
     assert plan.terms["backbone: parameters"] == params * 4
     assert plan.terms["backbone: activations"] > 2 * 3 * 112 * 112 * 4  # at least the saved input
+    with pytest.raises(ValueError, match="chunk_rows"):
+        PlanInput(10, chunk_rows=-5000)
     with pytest.raises(ValueError, match="sample_rate"):
         PlanInput(10, sample_rate=2.0)
     with pytest.raises(ValueError, match="head_optimizer"):
         PlanInput(10, head_optimizer="lamb")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_terms_predict_another_batch_size(precision: str) -> None:
+    # weights saved by autograd are counted once (as parameters / autocast copies), not per image
+    from largefr.plan import _saved_bytes
+
+    plan = plan_memory(PlanInput(1000, 64, batch_size=6, backbone="mobilefacenet", precision=precision))
+    constant = plan.terms.get("backbone: batch-independent saved tensors", 0)
+    predicted = plan.terms["backbone: activations"] + constant
+    assert abs(predicted - _saved_bytes("mobilefacenet", 64, 112, precision, 6)) <= 0.02 * predicted
+    weights = plan.terms["backbone: parameters"]  # fp32 bytes
+    if precision == "bf16":  # the bf16 weight copies autocast keeps for backward
+        assert 0.4 * weights <= constant <= 0.6 * weights
+    else:
+        assert constant < 0.1 * weights
