@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ class Check:
     expected: str
 
 
-POSITIVE = Check(lambda v: v is None or v > 0, "a value > 0")
-NON_NEGATIVE = Check(lambda v: v is None or v >= 0, "a value >= 0")
+POSITIVE = Check(lambda v: v is None or (v > 0 and math.isfinite(v)), "a finite value > 0")
+NON_NEGATIVE = Check(lambda v: v is None or (v >= 0 and math.isfinite(v)), "a finite value >= 0")
 UNIT = Check(lambda v: 0.0 <= v <= 1.0, "a value in [0, 1]")
 PROB = Check(lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
 BETAS = Check(lambda v: all(0.0 <= b < 1.0 for b in v), "two values in [0, 1)")
@@ -226,6 +227,8 @@ def _merge(cls: type, base: dict[str, Any], override: dict[str, Any]) -> dict[st
         tp = hints.get(key)
         if dataclasses.is_dataclass(tp) and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(tp, out[key], value)
+        elif dataclasses.is_dataclass(tp) and value is None:
+            continue  # an empty section in the child ("train:" with every key commented out) keeps the base's
         else:
             out[key] = value
     return out
@@ -244,7 +247,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             path = ".".join(parts[: i + 1])
             raise ConfigError(path, f"got {child!r}, cannot set {key!r} inside a value that is not a section")
         node = child
-    node[parts[-1]] = parse_scalar(text)
+    value = parse_scalar(text)
+    if value is None and isinstance(node.get(parts[-1]), dict):
+        raise ConfigError(key.strip(), "is a section; set its fields (a.b=value), it cannot be replaced by null")
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -88,10 +88,10 @@ def test_parse_scalar():
         ("train.batch_size=abc", r"train\.batch_size: got 'abc' \(str\), expected int"),
         ("train.batch_size=1.5", r"train\.batch_size: got 1\.5 \(float\), expected int"),
         ("train.batch_size=true", r"train\.batch_size: got True \(bool\), expected int"),
-        ("train.batch_size=0", r"train\.batch_size: got 0, expected a value > 0"),
+        ("train.batch_size=0", r"train\.batch_size: got 0, expected a finite value > 0"),
         ("train.precision=fp8", r"train\.precision: got 'fp8' \(str\), expected one of \['fp32', 'bf16', 'fp16'\]"),
         ("head.sample_rate=1.5", r"head\.sample_rate: got 1\.5, expected a value in \[0, 1\]"),
-        ("head.num_classes=-3", r"head\.num_classes: got -3, expected a value > 0"),
+        ("head.num_classes=-3", r"head\.num_classes: got -3, expected a finite value > 0"),
         ("optim.head.lr=fast", r"optim\.head\.lr: got 'fast' \(str\), expected float"),
         ("optim.backbone.betas=[0.9]", r"optim\.backbone\.betas: got \[0\.9\] \(list\), expected a list of 2"),
         ("train.eval_bins=[lfw.bin, 3]", r"train\.eval_bins\[1\]: got 3 \(int\), expected str"),
@@ -149,8 +149,19 @@ def test_empty_section_keeps_defaults(tmp_path):
     assert cfg.data == Config().data and cfg.train.epochs == 2
 
 
+def test_empty_child_section_keeps_the_base_and_null_cannot_replace_a_section(tmp_path):
+    _write(tmp_path / "base.yaml", {"train": {"epochs": 3, "precision": "bf16"}})
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  # epochs: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.epochs, cfg.train.precision) == (3, "bf16")
+    with pytest.raises(ConfigError, match=r"train: is a section"):
+        load_config(tmp_path / "child.yaml", ["train=null"])
+    with pytest.raises(ConfigError, match=r"optim\.backbone\.lr: got inf, expected a finite value > 0"):
+        load_config(tmp_path / "child.yaml", ["optim.backbone.lr=.inf"])
+
+
 def test_direct_construction_is_checked():
-    with pytest.raises(ConfigError, match=r"lr: got -0\.1, expected a value > 0"):
+    with pytest.raises(ConfigError, match=r"lr: got -0\.1, expected a finite value > 0"):
         OptimizerConfig(lr=-0.1)
     with pytest.raises(ConfigError, match="expected only one of them"):
         ScheduleConfig(warmup_steps=5, warmup_epochs=1.0)

@@ -57,7 +57,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     [
         ("train.batch_sise=4", "config field train.batch_sise: unknown field; did you mean 'batch_size'?"),
         ("train.batch_size=four", "config field train.batch_size: got 'four' (str), expected int"),
-        ("optim.head.lr=-1", "config field optim.head.lr: got -1.0, expected a value > 0"),
+        ("optim.head.lr=-1", "config field optim.head.lr: got -1.0, expected a finite value > 0"),
         ("train.precision=fp8", "config field train.precision: got 'fp8' (str), expected one of"),
         ("data.path=/nonexistent/set", "config field data.path: /nonexistent/set/manifest.json not found"),
         ("head.num_classes=5", f"config field head.num_classes: got 5, but the dataset manifest says {IDENTITIES}"),
