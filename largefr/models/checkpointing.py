@@ -1,4 +1,4 @@
-"""Activation (gradient) checkpointing of backbone stages.
+"""Activation (gradient) checkpointing of backbone stages, and the fp32 embedding layer.
 
 Recomputing a stage in backward runs its BatchNorm layers a second time in training mode, which would
 update their running statistics twice per step. The recompute context snapshots those buffers and puts
@@ -56,3 +56,10 @@ def init_conv_bn(model: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def embed_in_fp32(linear: nn.Module, features: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The embedding layer (linear, then BatchNorm1d) in fp32 even under autocast, as insightface does:
+    the trunk runs in low precision, the embedding the margin head sees keeps fp32's 24-bit mantissa."""
+    with torch.autocast(x.device.type, enabled=False):
+        return features(linear(x.float()))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from largefr.models.checkpointing import check_image_input, init_conv_bn, run_stage
+from largefr.models.checkpointing import check_image_input, embed_in_fp32, init_conv_bn, run_stage
 from largefr.models.registry import register_backbone
 
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -107,7 +107,7 @@ class IResNet(nn.Module):
         for stage in self.stages:
             x = run_stage(stage, x, self.grad_checkpoint)
         x = torch.flatten(self.dropout(self.bn2(x)), 1)
-        return self.features(self.fc(x))
+        return embed_in_fp32(self.fc, self.features, x)
 
 
 def _factory(depth: int) -> Callable[..., IResNet]:

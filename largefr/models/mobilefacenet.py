@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largefr.models.checkpointing import check_image_input, init_conv_bn, run_stage
+from largefr.models.checkpointing import check_image_input, embed_in_fp32, init_conv_bn, run_stage
 from largefr.models.registry import register_backbone
 
 # (expansion t, out channels c, repeats n, first stride s)
@@ -90,7 +90,7 @@ class MobileFaceNet(nn.Module):
         for stage in self.stages:
             x = run_stage(stage, x, self.grad_checkpoint)
         x = torch.flatten(self.gdc(self.conv_sep(x)), 1)
-        return self.features(self.linear(x))
+        return embed_in_fp32(self.linear, self.features, x)
 
 
 @register_backbone("mobilefacenet")
