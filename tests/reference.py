@@ -37,7 +37,7 @@ def reference_logits(margin: M.Margin, x: torch.Tensor, w: torch.Tensor, labels:
         logits = x @ w.T
         target = x_norm * w_norm[labels] * _psi(theta, margin.margin)
     else:
-        s = margin.scale
+        s = margin.feature_scale
         logits = s * cos
         if isinstance(margin, M.NormFace):
             target = s * c

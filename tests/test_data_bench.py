@@ -9,13 +9,13 @@ import torch
 from largefr.cli import main as cli_main
 from largefr.data.loader import dali_available
 from largefr.data.synth import SynthSpec
-from largefr.data.synth_dataset import synth
+from largefr.data.synth_dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench") / "synth"
-    synth(root, SynthSpec(identities=8, per_identity=8, seed=0), workers=1, progress=False)
+    write_synthetic_dataset(root, SynthSpec(identities=8, per_identity=8, seed=0), workers=1, progress=False)
     return root
 
 

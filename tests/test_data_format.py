@@ -9,7 +9,7 @@ import pytest
 
 from largefr.data.build import parse_size, plan_by_bytes, shard_bytes_for
 from largefr.data.manifest import Manifest, ShardFileError, ShardInfo, read_manifest, write_manifest
-from largefr.data.plan import EpochPlan
+from largefr.data.epoch_order import EpochPlan
 from largefr.data.shards import ShardIndex, ShardWriter, iter_tar_samples, jpeg_size
 
 

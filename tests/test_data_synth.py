@@ -12,7 +12,7 @@ from largefr.cli import main as cli_main
 from largefr.data.manifest import read_manifest
 from largefr.data.shards import iter_tar_samples
 from largefr.data.synth import FaceGenerator, SynthSpec, render_jpegs
-from largefr.data.synth_dataset import (kfold_accuracy, pixel_verification_accuracy, synth, train_order,
+from largefr.data.synth_dataset import (kfold_accuracy, pixel_verification_accuracy, write_synthetic_dataset, train_order,
                                         verification_pairs)
 
 
@@ -41,8 +41,8 @@ def _read_all(out):
 
 def test_synth_dataset_is_deterministic_across_worker_counts(tmp_path):
     spec = SynthSpec(identities=12, per_identity=3, seed=1, holdout=5, pairs=10)
-    one = synth(tmp_path / "one", spec, workers=1, shard_bytes=40_000, progress=False)
-    two = synth(tmp_path / "two", spec, workers=2, shard_bytes=40_000, progress=False)
+    one = write_synthetic_dataset(tmp_path / "one", spec, workers=1, shard_bytes=40_000, progress=False)
+    two = write_synthetic_dataset(tmp_path / "two", spec, workers=2, shard_bytes=40_000, progress=False)
     assert len(one.shards) > 1 and one.num_samples == 36 and one.num_classes == 12
     (_, a), (_, b) = _read_all(tmp_path / "one"), _read_all(tmp_path / "two")
     assert a == b
@@ -56,7 +56,7 @@ def test_synth_dataset_is_deterministic_across_worker_counts(tmp_path):
 
 def test_verification_bin_is_insightface_format_over_held_out_identities(tmp_path):
     spec = SynthSpec(identities=6, per_identity=2, seed=0, holdout=4, pairs=12)
-    synth(tmp_path, spec, workers=1, progress=False)
+    write_synthetic_dataset(tmp_path, spec, workers=1, progress=False)
     with open(tmp_path / "verification.bin", "rb") as f:
         bins, issame = pickle.load(f, encoding="bytes")
     assert isinstance(bins, list) and isinstance(issame, list) and len(bins) == 2 * len(issame) == 24

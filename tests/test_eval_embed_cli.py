@@ -11,8 +11,9 @@ import torch
 
 from largefr.cli import main
 from largefr.eval.bin_io import load_bin, write_bin
-from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
-from largefr.eval.embed import decode_image, embed_images, encode_image, normalize_batch
+from largefr.backbone_file import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
+from largefr.eval.embed import decode_image, embed_images, encode_image
+from largefr.models.input import normalize_images
 from largefr.eval.verification import verify_interleaved
 from backbones import calibrated_backbone, one_torch_thread  # noqa: F401  (fixture)
 
@@ -48,7 +49,7 @@ def test_flip_test_embedding_is_image_plus_mirror(checkpoint: Path) -> None:
     model = load_backbone_from_checkpoint(checkpoint, "cpu")
     arrays = [_image(s) for s in range(7)]
     encoded = [encode_image(a, "PNG") for a in arrays]
-    x = normalize_batch(torch.from_numpy(np.stack(arrays)))
+    x = normalize_images(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
     assert x.shape == (7, 3, 112, 112) and x.min() >= -1.0 and x.max() <= 1.0
     assert torch.allclose(x[0, :, 0, 0], torch.from_numpy(arrays[0][0, 0] / 127.5 - 1.0).float())
     with torch.inference_mode():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from largefr.cli import main
-from largefr.eval.checkpoint import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
+from largefr.backbone_file import CheckpointMeta, load_backbone_from_checkpoint, save_backbone_checkpoint
 from backbones import calibrated_backbone, one_torch_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

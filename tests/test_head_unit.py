@@ -346,10 +346,10 @@ def test_sphereface_annealing_follows_the_head_step() -> None:
         loss = head(x, labels)
         ref_loss, _, _ = reference_loss_and_grads(margin, x, head.weight, labels, step=step)
         assert loss.item() == pytest.approx(ref_loss, rel=1e-5), step
-    assert head.step == 3
+    assert head.training_forwards == 3
     head.eval()
     head(x, labels)
-    assert head.step == 3  # evaluation forwards do not advance the schedule
+    assert head.training_forwards == 3  # evaluation forwards do not advance the schedule
 
 
 def test_eval_mode_does_not_shift_the_training_draws() -> None:

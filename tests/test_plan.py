@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from largefr import PartialFC, margins
-from largefr.plan import PlanInput, head_workspace_bytes, plan_memory, sampled_rows
+from largefr.memory_plan import PlanInput, head_workspace_bytes, plan_memory, sampled_rows
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_backbone_terms_and_errors() -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activation_terms_predict_another_batch_size(precision: str) -> None:
     # weights saved by autograd are counted once (as parameters / autocast copies), not per image
-    from largefr.plan import _saved_bytes
+    from largefr.memory_plan import _saved_bytes
 
     plan = plan_memory(PlanInput(1000, 64, batch_size=6, backbone="mobilefacenet", precision=precision))
     constant = plan.terms.get("backbone: batch-independent saved tensors", 0)

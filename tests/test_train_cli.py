@@ -15,7 +15,7 @@ import yaml
 from largefr.cli import main
 from largefr.config import load_config
 from largefr.distributed import free_port
-from largefr.eval.checkpoint import load_backbone_from_checkpoint
+from largefr.backbone_file import load_backbone_from_checkpoint
 from largefr.train.build import seeded_backbone
 from largefr.train.checkpoint import completed_checkpoints, read_meta
 from test_train_resume import assert_identical, flat_checkpoint
@@ -28,10 +28,10 @@ IDENTITIES = 8
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from largefr.data.synth import SynthSpec
-    from largefr.data.synth_dataset import synth
+    from largefr.data.synth_dataset import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    synth(out, SynthSpec(identities=IDENTITIES, per_identity=4, seed=5, holdout=4, pairs=12), workers=1, progress=False)
+    write_synthetic_dataset(out, SynthSpec(identities=IDENTITIES, per_identity=4, seed=5, holdout=4, pairs=12), workers=1, progress=False)
     return out
 
 

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from largefr.config import load_config
 from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, read_meta
-from largefr.train.trainer import train
+from largefr.train.run import train
 from multirank import run_ranks
 
 N_STEPS, TOTAL_STEPS = 5, 11  # 8 steps per epoch on 2 ranks: the resumed part crosses into epoch 1
@@ -26,10 +26,10 @@ N_STEPS, TOTAL_STEPS = 5, 11  # 8 steps per epoch on 2 ranks: the resumed part c
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from largefr.data.synth import SynthSpec
-    from largefr.data.synth_dataset import synth
+    from largefr.data.synth_dataset import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    synth(out, SynthSpec(identities=8, per_identity=4, seed=3), workers=1, progress=False)
+    write_synthetic_dataset(out, SynthSpec(identities=8, per_identity=4, seed=3), workers=1, progress=False)
     return out
 
 
@@ -92,7 +92,7 @@ def test_resume_continues_exactly(runs: tuple[Path, Path], tmp_path: Path):
     a, b = latest_checkpoint(whole / "checkpoints"), latest_checkpoint(split / "checkpoints")
     assert read_meta(a)["step"] == read_meta(b)["step"] == TOTAL_STEPS
     flat_a, flat_b = flat_checkpoint(a, tmp_path), flat_checkpoint(b, tmp_path)
-    assert flat_a["progress"] == {"step": TOTAL_STEPS, "epoch": 1, "head_step": TOTAL_STEPS}
+    assert flat_a["progress"] == {"step": TOTAL_STEPS, "epoch": 1, "head_training_forwards": TOTAL_STEPS}
     assert_identical(flat_a, flat_b)
     exported = [torch.load(Path(p) / "backbone.pt", weights_only=True) for p in (a, b)]
     assert_identical(exported[0], exported[1])

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from largefr.config import load_config
 from largefr.train.checkpoint import completed_checkpoints
-from largefr.train.trainer import train
+from largefr.train.run import train
 from multirank import run_ranks
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_cpu.yaml"
@@ -25,10 +25,10 @@ STOP = 7  # steps of the first run: 7 x 2 samples
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from largefr.data.synth import SynthSpec
-    from largefr.data.synth_dataset import synth
+    from largefr.data.synth_dataset import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    synth(out, SynthSpec(identities=8, per_identity=4, seed=3), workers=1, progress=False)  # 32 samples
+    write_synthetic_dataset(out, SynthSpec(identities=8, per_identity=4, seed=3), workers=1, progress=False)  # 32 samples
     return out
 
 

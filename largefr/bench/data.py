@@ -21,7 +21,7 @@ import torch
 
 from largefr.data.loader import FaceLoader, build_loader
 from largefr.data.manifest import Manifest, read_manifest
-from largefr.data.plan import EpochPlan
+from largefr.data.epoch_order import EpochPlan
 
 
 @dataclass(frozen=True)

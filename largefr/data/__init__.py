@@ -4,7 +4,7 @@ Public API (imported lazily, so writer processes do not load torch or DALI):
 
 - ``build_loader(source, *, batch_size, rank, world_size, seed, device, kind, num_threads, ...)``
 - ``read_manifest(directory) -> Manifest``
-- ``synth(out_dir, SynthSpec(...), workers=..., shard_bytes=...) -> Manifest``
+- ``write_synthetic_dataset(out_dir, SynthSpec(...), workers=..., shard_bytes=...) -> Manifest``
 - ``convert_rec(rec_path, out_dir, ...)`` / ``convert_folder(src_dir, out_dir, ...)``
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ _EXPORTS = {
     "write_manifest": "largefr.data.manifest",
     "ShardWriter": "largefr.data.shards",
     "SynthSpec": "largefr.data.synth",
-    "synth": "largefr.data.synth_dataset",
+    "write_synthetic_dataset": "largefr.data.synth_dataset",
     "VERIFICATION_NAME": "largefr.data.synth_dataset",
     "convert_rec": "largefr.data.convert",
     "convert_folder": "largefr.data.convert",

@@ -7,7 +7,7 @@ import time
 
 from largefr.data.build import DEFAULT_SHARD_BYTES, parse_size
 from largefr.data.synth import SynthSpec
-from largefr.data.synth_dataset import VERIFICATION_NAME, synth
+from largefr.data.synth_dataset import VERIFICATION_NAME, write_synthetic_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     start = time.perf_counter()
-    manifest = synth(args.out, spec, workers=args.workers, shard_bytes=parse_size(args.shard_size),
+    manifest = write_synthetic_dataset(args.out, spec, workers=args.workers, shard_bytes=parse_size(args.shard_size),
                      progress=not args.no_progress)
     seconds = time.perf_counter() - start
     images = manifest.num_samples + 2 * pairs

@@ -1,6 +1,6 @@
 """The DALI loader: ``fn.readers.webdataset`` over per-epoch index files, one code path for CPU and GPU.
 
-Each rank's planned sample order (:mod:`largefr.data.plan`) is written as index files listing, per run of
+Each rank's planned sample order (:mod:`largefr.data.epoch_order`) is written as index files listing, per run of
 consecutive positions inside one shard, that shard's rows in planned order; the reader then reads exactly
 the rank's samples in that order (no ``shard_id``/``num_shards``: DALI's split by sample count gives ranks
 unequal batch counts). Decoding runs on the CPU (``device_id=None``) when ``device.type == "cpu"`` and as
@@ -30,7 +30,7 @@ import torch
 from largefr.data.labels import LABEL_PAD, parse_label, parse_label_rows
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error
 from largefr.data.manifest import Manifest
-from largefr.data.plan import EpochPlan
+from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader
 
 log = logging.getLogger("largefr.data")

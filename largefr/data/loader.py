@@ -24,7 +24,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from largefr.data.manifest import Manifest, read_manifest
-from largefr.data.plan import EpochPlan
+from largefr.data.epoch_order import EpochPlan
 
 log = logging.getLogger("largefr.data")
 
@@ -239,13 +239,6 @@ class BufferPool:
         if len(self._buffers) < self.size:
             self._buffers.append(fresh)
         return fresh
-
-
-def normalise_images(images_nchw: torch.Tensor, device: torch.device, pool: BufferPool) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 [B,3,H,W] in [-1,1] on ``device``."""
-    out = pool.get(tuple(images_nchw.shape), torch.float32, device)
-    out.copy_(images_nchw, non_blocking=True)
-    return out.mul_(1.0 / 127.5).sub_(1.0)
 
 
 def dali_available() -> bool:

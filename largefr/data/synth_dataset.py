@@ -132,7 +132,7 @@ def best_threshold(sims: np.ndarray, issame: np.ndarray) -> float:
     return float((s[i - 1] + s[i]) / 2)
 
 
-def synth(out_dir: str | os.PathLike[str], spec: SynthSpec, *, workers: int = 2,
+def write_synthetic_dataset(out_dir: str | os.PathLike[str], spec: SynthSpec, *, workers: int = 2,
           shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Manifest:
     """Write ``spec``'s train shards + manifest (and ``verification.bin`` when spec.pairs > 0) to ``out_dir``.
 

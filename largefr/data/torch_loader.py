@@ -16,10 +16,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largefr.data.labels import parse_label
-from largefr.data.loader import (Batch, BufferPool, FaceLoader, LoaderConfig, normalise_images,
+from largefr.data.loader import (Batch, BufferPool, FaceLoader, LoaderConfig,
                                   out_of_samples_error)
 from largefr.data.manifest import Manifest
-from largefr.data.plan import EpochPlan
+from largefr.models.input import normalize_images
+from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader, decode_image
 
 log = logging.getLogger("largefr.data")
@@ -132,7 +133,7 @@ class TorchLoader(FaceLoader):
                     bad_positions.popleft()
                     skipped += 1
                 have -= c.batch_size
-                yield Batch(normalise_images(batch_images, c.device, self._pool), batch_labels.to(c.device), end, skipped)
+                yield Batch(normalize_images(batch_images, out=self._pool.get(tuple(batch_images.shape), torch.float32, c.device)), batch_labels.to(c.device), end, skipped)
         raise out_of_samples_error(c.rank, plan, corrupt, self.manifest.root)
 
 

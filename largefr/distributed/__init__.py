@@ -16,14 +16,9 @@ from largefr.distributed.env import (
     init_from_env,
     shutdown,
 )
-from largefr.distributed.margin_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
-from largefr.distributed.weight_grad import WeightGrad, project_out_radial
 
 __all__ = [
     "DistContext",
-    "ShardedMarginSoftmaxCE",
-    "ShardedSoftmaxSpec",
-    "WeightGrad",
     "all_gather_rows",
     "all_reduce_",
     "allreduce_sum_hook",
@@ -37,6 +32,5 @@ __all__ = [
     "init_from_env",
     "reduce_scatter_rows",
     "shutdown",
-    "project_out_radial",
     "wrap_ddp_sum",
 ]

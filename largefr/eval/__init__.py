@@ -3,7 +3,7 @@
 ``largefr eval`` lives in :mod:`largefr.eval.cli`, ``largefr export`` in :mod:`largefr.eval.export`.
 """
 from largefr.eval.bin_io import BinFormatError, VerificationBin, load_bin, loads_bin, write_bin
-from largefr.eval.checkpoint import (
+from largefr.backbone_file import (
     CheckpointMeta,
     load_backbone_from_checkpoint,
     read_checkpoint_meta,

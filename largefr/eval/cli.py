@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from largefr.eval.checkpoint import load_backbone_from_checkpoint, read_checkpoint_meta
+    from largefr.backbone_file import load_backbone_from_checkpoint, read_checkpoint_meta
 
     missing = [str(p) for p in args.bins if not p.is_file()]
     if missing:

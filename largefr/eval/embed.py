@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from largefr.models.input import normalize_images
+
 
 def decode_image(data: bytes, image_size: int, index: int = -1) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB [image_size, image_size, 3] (resized if the size differs)."""
@@ -38,11 +40,6 @@ def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format=fmt, quality=quality)
     return buf.getvalue()
-
-
-def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1]."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
 
 
 def _decoded_batches(
@@ -98,6 +95,6 @@ def embed_images(
     chunks: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         for batch in _decoded_batches(images, image_size, batch_size, pool):
-            x = normalize_batch(torch.from_numpy(batch).to(device, non_blocking=True))
+            x = normalize_images(torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2))
             chunks.append(embed_batch(model, x, flip).float().cpu().numpy())
     return np.concatenate(chunks)

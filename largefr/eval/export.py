@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from largefr.eval.checkpoint import load_backbone_from_checkpoint, read_checkpoint_meta
+    from largefr.backbone_file import load_backbone_from_checkpoint, read_checkpoint_meta
 
     try:
         meta = read_checkpoint_meta(args.checkpoint)

@@ -12,7 +12,8 @@ calls ``target_logit``; it knows no margin by name. All functions here are pure 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -34,13 +35,30 @@ def multiplicative_angular_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
     return sign * torch.cos(m * theta) - 2.0 * k
 
 
+def _check_number(owner: object, name: str, value: object, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{type(owner).__name__}: {name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{type(owner).__name__}: {name} must be > 0, got {value!r}")
+
+
+def _check_flag(owner: object, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{type(owner).__name__}: {name} must be True or False, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Margin:
-    """Base declaration. Subclasses set the normalisations and the target transform."""
+    """Base declaration. The normalisations are fixed per class (not constructor arguments);
+    subclasses declare their own parameters, which are the positional ones."""
 
-    normalize_features: bool = True
-    normalize_weight: bool = True
-    scale: float = 1.0  # used only when normalize_features is True
+    normalize_features: ClassVar[bool] = False
+    normalize_weight: ClassVar[bool] = False
+
+    @property
+    def feature_scale(self) -> float:
+        """a_i when features are normalised (the fixed scale s); unused otherwise."""
+        return 1.0
 
     def target_logit(self, x: torch.Tensor, w: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Target logit of each row of raw embeddings x [n, D] against its raw class row w [n, D]."""
@@ -60,41 +78,51 @@ class Margin:
 
     def row_scale(self, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
         """a_i * b_y: the magnitude multiplying the target's (transformed) cosine."""
-        a = torch.full_like(x_norm, self.scale) if self.normalize_features else x_norm
+        a = torch.full_like(x_norm, self.feature_scale) if self.normalize_features else x_norm
         return a if self.normalize_weight else a * w_norm
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
         return cos
-
-    def __post_init__(self) -> None:
-        if self.normalize_features and not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(f"{type(self).__name__}: scale must be a positive finite number, got {self.scale}")
 
 
 @dataclass(frozen=True)
 class Softmax(Margin):
     """Plain softmax: logits x . W_j (no normalisation, no margin)."""
 
-    normalize_features: bool = False
-    normalize_weight: bool = False
+
+@dataclass(frozen=True)
+class NormalizedMargin(Margin):
+    """Base of the margins on normalised features and W rows: logits s * cos, ``scale`` s first."""
+
+    normalize_features: ClassVar[bool] = True
+    normalize_weight: ClassVar[bool] = True
+    scale: float = 64.0
+
+    @property
+    def feature_scale(self) -> float:
+        return float(self.scale)
+
+    def __post_init__(self) -> None:
+        _check_number(self, "scale", self.scale, positive=True)
 
 
 @dataclass(frozen=True)
-class NormFace(Margin):
-    """NormFace: s * cos(theta_j) with x and W normalised, no margin."""
-
-    scale: float = 64.0
+class NormFace(NormalizedMargin):
+    """NormFace: s * cos(theta_j) with x and W normalised, no margin. Positional: (scale)."""
 
 
 @dataclass(frozen=True)
-class CosFace(Margin):
-    """CosFace / AM-Softmax: target s * (cos(theta_y) - m)."""
+class CosFace(NormalizedMargin):
+    """CosFace / AM-Softmax: target s * (cos(theta_y) - m). Positional: (scale, margin)."""
 
-    scale: float = 64.0
     margin: float = 0.35
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
         return cos - self.margin
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self, "margin", self.margin)
 
 
 def combined_margin_cosine(
@@ -117,13 +145,14 @@ def combined_margin_cosine(
 
 
 @dataclass(frozen=True)
-class CombinedMargin(Margin):
-    """Combined margin: target s * (cos(m1 * theta_y + m2) - m3). See combined_margin_cosine."""
+class CombinedMargin(NormalizedMargin):
+    """Combined margin: target s * (cos(m1 * theta_y + m2) - m3). Positional: (scale, m1, m2, m3);
+    ``monotonic`` is keyword-only. See combined_margin_cosine."""
 
-    scale: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
+    _: KW_ONLY
     monotonic: bool = False
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
@@ -131,53 +160,64 @@ class CombinedMargin(Margin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.m1 <= 0:
-            raise ValueError(f"{type(self).__name__}: m1 must be > 0, got {self.m1}")
+        _check_number(self, "m1", self.m1, positive=True)
+        _check_number(self, "m2", self.m2)
+        _check_number(self, "m3", self.m3)
+        _check_flag(self, "monotonic", self.monotonic)
 
 
 @dataclass(frozen=True)
-class ArcFace(Margin):
-    """ArcFace: target s * cos(theta_y + m), additive angular margin. See combined_margin_cosine."""
+class ArcFace(NormalizedMargin):
+    """ArcFace: target s * cos(theta_y + m), additive angular margin. Positional: (scale, margin);
+    ``monotonic`` is keyword-only. See combined_margin_cosine."""
 
-    scale: float = 64.0
     margin: float = 0.5
+    _: KW_ONLY
     monotonic: bool = False
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
         return combined_margin_cosine(cos, 1.0, self.margin, 0.0, self.monotonic)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self, "margin", self.margin)
+        _check_flag(self, "monotonic", self.monotonic)
+
 
 @dataclass(frozen=True)
 class LSoftmax(Margin):
-    """L-Softmax: target ||W_y|| ||x|| psi(theta_y), others x . W_j (no normalisation)."""
+    """L-Softmax: target ||W_y|| ||x|| psi(theta_y), others x . W_j (no normalisation). Positional: (margin)."""
 
-    normalize_features: bool = False
-    normalize_weight: bool = False
     margin: int = 2
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
         return multiplicative_angular_psi(_theta(cos), self.margin)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.margin, int) and self.margin >= 1):
+        if isinstance(self.margin, bool) or not (isinstance(self.margin, int) and self.margin >= 1):
             raise ValueError(f"{type(self).__name__}: margin must be an integer >= 1, got {self.margin!r}")
 
 
 @dataclass(frozen=True)
 class SphereFace(LSoftmax):
     """A-Softmax: W normalised, scale ||x||, target ||x|| psi(theta_y).
+    Positional: (margin, lambda_base, lambda_min, gamma, power).
 
     Optional annealing blends in the plain cosine: f = (lambda cos + psi) / (1 + lambda), with
     lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power). Off by default (lambda_base = 0).
     """
 
-    normalize_weight: bool = True
+    normalize_weight: ClassVar[bool] = True
     margin: int = 4
     lambda_base: float = 0.0
     lambda_min: float = 0.0
     gamma: float = 0.12
     power: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lambda_base", "lambda_min", "gamma", "power"):
+            _check_number(self, name, getattr(self, name))
 
     def annealing_lambda(self, step: int) -> float:
         if self.lambda_base <= 0:

@@ -3,7 +3,7 @@
 Step (see shared DESIGN): all-gather embeddings (autograd; backward reduce-scatter) and labels; choose
 this rank's class rows (all, or positives + uniform negatives); logits of the global batch against them;
 the margin on targets this rank owns; softmax cross-entropy with all-reduces of max and sum
-(largefr.distributed.margin_softmax). The W gradient is row-sparse: it is recorded per step as
+(largefr.heads.sharded_softmax). The W gradient is row-sparse: it is recorded per step as
 (row ids, rows) and consumed by the head's own optimizers (largefr.heads.row_optim).
 """
 from __future__ import annotations
@@ -17,16 +17,15 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed import (
-    ShardedMarginSoftmaxCE,
-    WeightGrad,
-    ShardedSoftmaxSpec,
     all_gather_rows,
     gather_rows_with_grad,
     group_rank,
     group_size,
 )
+from largefr.heads.factored_grad import FactoredWeightGrad
 from largefr.heads.margins import Margin
-from largefr.heads.row_grad import BLOCK_ROWS, RowGrad, merge_row_grads
+from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
+from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.workspace import Lease, Workspace
 
@@ -49,7 +48,7 @@ class PartialFC(nn.Module):
             the label range and finiteness of the gathered batch (host syncs). Without it, unequal batch
             sizes fail inside the collective. Shape and dtype checks always run.
 
-    ``head.step`` counts training-mode forwards (micro-batches under gradient accumulation); margins
+    ``head.training_forwards`` counts training-mode forwards (micro-batches under gradient accumulation); margins
     that anneal (SphereFace's lambda) follow it.
     """
 
@@ -75,10 +74,10 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(init_weight_rows(start, stop, embedding_size, seed), requires_grad=False)
         # a 0-size leaf that makes the loss require grad, so backward runs even for frozen embeddings
         self.grad_anchor = nn.Parameter(torch.zeros(0))
-        self.step = 0
+        self.training_forwards = 0
         self.sampled_class_ids: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
-        self._pending: list[RowGrad] = []
+        self._pending: list[SparseRowGrad] = []
         self._workspace = Workspace()
 
     @property
@@ -103,8 +102,8 @@ class PartialFC(nn.Module):
         ids, cols, w_rows, inv_norm, leases = self._select_rows(labels_all - start, owned)
         x_op = x_all
         if self.margin.normalize_features:
-            x_op = x_all * (self.margin.scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
-        target_fn = functools.partial(self.margin.target_from_stats, step=self.step)
+            x_op = x_all * (self.margin.feature_scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
+        target_fn = functools.partial(self.margin.target_from_stats, step=self.training_forwards)
         sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
         spec = ShardedSoftmaxSpec(
             self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
@@ -112,7 +111,7 @@ class PartialFC(nn.Module):
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
         if self.training:
-            self.step += 1
+            self.training_forwards += 1
         return loss
 
     def _select_rows(
@@ -147,15 +146,15 @@ class PartialFC(nn.Module):
 
     def _eval_rng(self, device: torch.device) -> torch.Generator:
         """Seeded by (seed, rank, training step): the same eval draw for the same model state."""
-        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 7_919 + self.step + 1)
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 7_919 + self.training_forwards + 1)
 
     def _record_grad(
         self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
-        weight_grad: WeightGrad, grad_leases: tuple[Lease, ...],
+        weight_grad: FactoredWeightGrad, grad_leases: tuple[Lease, ...],
     ) -> None:
-        self._pending.append(RowGrad(ids, rows, factored=weight_grad, leases=(*leases, *grad_leases)))
+        self._pending.append(SparseRowGrad(ids, rows, factored=weight_grad, leases=(*leases, *grad_leases)))
 
-    def row_grad(self) -> RowGrad | None:
+    def row_grad(self) -> SparseRowGrad | None:
         """The W gradient accumulated since the last zero_grad, merged over backward passes and formed."""
         if not self._pending:
             return None
@@ -164,7 +163,7 @@ class PartialFC(nn.Module):
         self._pending[0].materialize(self.weight.detach())
         return self._pending[0]
 
-    def take_row_grad(self) -> RowGrad | None:
+    def take_row_grad(self) -> SparseRowGrad | None:
         """Hand the pending gradient to an optimizer (still factored when there was one backward pass)."""
         if len(self._pending) > 1:
             self._pending = [merge_row_grads(self._pending, self.weight.detach())]
@@ -183,7 +182,7 @@ class PartialFC(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         rng = None if self._generator is None else self._generator.get_state()
-        return {"step": self.step, "class_range": self.class_range, "num_classes": self.num_classes, "rng": rng}
+        return {"training_forwards": self.training_forwards, "class_range": self.class_range, "num_classes": self.num_classes, "rng": rng}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if tuple(state["class_range"]) != self.class_range or state["num_classes"] != self.num_classes:
@@ -191,7 +190,7 @@ class PartialFC(nn.Module):
                 f"checkpoint slice {tuple(state['class_range'])} of {state['num_classes']} classes does not match "
                 f"this head's {self.class_range} of {self.num_classes}"
             )
-        self.step = int(state["step"])
+        self.training_forwards = int(state.get("training_forwards", state.get("step", 0)))
         if state.get("rng") is not None:
             self._rng(self.weight.device).set_state(state["rng"])
 

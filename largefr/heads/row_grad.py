@@ -5,32 +5,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from largefr.distributed import WeightGrad
+from largefr.heads.factored_grad import FactoredWeightGrad
 from largefr.heads.workspace import Lease
 
 BLOCK_ROWS = 2048  # rows per cache-sized block when forming or applying the gradient
 
 
 @dataclass
-class RowGrad:
+class SparseRowGrad:
     """Gradient of the loss for some rows of this rank's W slice.
 
     ids: local row indices (sorted), or None for every row of the slice.
     rows: the W rows at ``ids`` gathered in the forward (still equal to W's rows until an optimizer
         updates them), or None (every row, or gathered again when needed).
-    factored / grad: the gradient, either factored (largefr.distributed.WeightGrad, formed block by block
+    factored / grad: the gradient, either factored (largefr.heads.factored_grad.FactoredWeightGrad, formed block by block
         by the optimizer) or materialised [len(ids), D] fp32. Exactly one is set.
     """
 
     ids: torch.Tensor | None
     rows: torch.Tensor | None
-    factored: WeightGrad | None = None
+    factored: FactoredWeightGrad | None = None
     grad: torch.Tensor | None = None
     leases: tuple[Lease, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if (self.factored is None) == (self.grad is None):
-            raise ValueError("a RowGrad holds exactly one of a factored or a materialised gradient")
+            raise ValueError("a SparseRowGrad holds exactly one of a factored or a materialised gradient")
 
     @property
     def num_rows(self) -> int:
@@ -64,7 +64,7 @@ class RowGrad:
         self.grad, self.factored = grad, None
 
 
-def merge_row_grads(grads: list[RowGrad], weight: torch.Tensor) -> RowGrad:
+def merge_row_grads(grads: list[SparseRowGrad], weight: torch.Tensor) -> SparseRowGrad:
     """Sum several backward passes' row gradients (gradient accumulation) into one record."""
     for g in grads:
         g.materialize(weight)
@@ -72,10 +72,10 @@ def merge_row_grads(grads: list[RowGrad], weight: torch.Tensor) -> RowGrad:
         total = grads[0].grad.clone()  # type: ignore[union-attr]
         for g in grads[1:]:
             total.add_(g.grad)  # type: ignore[arg-type]
-        return RowGrad(None, None, grad=total)
+        return SparseRowGrad(None, None, grad=total)
     device = weight.device
     ids = torch.cat([g.ids if g.ids is not None else torch.arange(weight.shape[0], device=device) for g in grads])
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
     total = torch.zeros(unique_ids.numel(), weight.shape[1], device=device)
     total.index_add_(0, inverse, torch.cat([g.grad for g in grads]))  # type: ignore[misc]
-    return RowGrad(unique_ids, None, grad=total)
+    return SparseRowGrad(unique_ids, None, grad=total)

@@ -22,7 +22,7 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from largefr.heads.partial_fc import PartialFC
-from largefr.heads.row_grad import BLOCK_ROWS, RowGrad
+from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
 
 
 UPDATE_BLOCK_ROWS = BLOCK_ROWS
@@ -60,7 +60,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             self._apply(row_grad)
         return loss
 
-    def _apply(self, row_grad: RowGrad) -> None:
+    def _apply(self, row_grad: SparseRowGrad) -> None:
         """Update the rows in blocks: form the block's gradient, gather its state, step, scatter back.
 
         Each block's rows, gradient and state stay in cache from the gradient's formation (a small GEMM
@@ -140,7 +140,7 @@ class RowSparseAdamW(_RowSparseOptimizer):
         super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state[head.weight]["step"] = torch.zeros((), dtype=torch.float32, device=head.weight.device)
 
-    def _apply(self, row_grad: RowGrad) -> None:
+    def _apply(self, row_grad: SparseRowGrad) -> None:
         step = self.state[self.head.weight]["step"]
         self._step_before = step.clone()
         super()._apply(row_grad)

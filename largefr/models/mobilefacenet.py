@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largefr.models.checkpointing import check_image_input, embed_in_fp32, init_conv_bn, run_stage
+from largefr.models.backbone_parts import check_image_input, embed_in_fp32, init_conv_bn, run_stage
 from largefr.models.registry import register_backbone
 
 # (expansion t, out channels c, repeats n, first stride s)

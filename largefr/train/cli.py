@@ -59,7 +59,7 @@ def _check_inputs(cfg: Config) -> None:
 
 
 def export_init(cfg: Config, out_dir: Path) -> Path:
-    from largefr.eval.checkpoint import CheckpointMeta, save_backbone_checkpoint
+    from largefr.backbone_file import CheckpointMeta, save_backbone_checkpoint
     from largefr.train.build import seeded_backbone
 
     model = seeded_backbone(cfg)
@@ -74,7 +74,7 @@ def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(name)s %(levelname)s: %(message)s")
     try:
-        from largefr.train.trainer import train
+        from largefr.train.run import train
 
         train(cfg, ctx, max_steps=args.max_steps, resume=args.resume)
     except ConfigError as exc:  # same on every rank: the dataset or a value checked after loading

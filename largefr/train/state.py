@@ -84,7 +84,7 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
         "head_optim": RowShardedState(parts.head_opt, head.class_range, num_classes),
         "scheduler": parts.scheduler,
         "scaler": parts.precision.scaler,
-        "progress": {"step": progress.step, "epoch": progress.epoch, "head_step": head.step},
+        "progress": {"step": progress.step, "epoch": progress.epoch, "head_training_forwards": head.training_forwards},
         "loader": PerRank(loader.state_dict()),
         # bytes, not a tensor: a head that has not run yet has no generator, and DCP needs one kind per key
         "head_rng": PerRank({"rng": None if extra["rng"] is None else extra["rng"].cpu().numpy().tobytes()}),
@@ -115,7 +115,7 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     loaded = load_checkpoint(path, state, parts.ctx)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
-    parts.head.step = int(progress_state["head_step"])
+    parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
     rng = loaded["head_rng"]
     if same_world and rng is not None and rng["rng"] is not None:
         generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)

@@ -1,66 +1,169 @@
-"""Wiring of a training run: config -> dataset, parts, loggers, verifier, resume -> :class:`Trainer`."""
+"""The training loop: epochs of micro-batches -> optimizer steps, logging, verification, checkpoints.
+
+An epoch is ``len(loader) // grad_accum`` optimizer steps; its trailing ``len(loader) % grad_accum``
+batches are not used. Training ends at the schedule's total steps (``schedule.total_steps`` or
+``train.epochs`` epochs), or earlier at ``max_steps`` (a later run resumes from there). A checkpoint is
+written every ``checkpoint.every_steps`` steps and when the loop ends.
+
+Host syncs happen only at log steps (loss, grad norm), under fp16 loss scaling, and at
+verification and checkpoint steps.
+"""
 from __future__ import annotations
 
-import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Iterator
 
-from largefr.config import Config, ConfigError
-from largefr.distributed import DistContext
-from largefr.train.build import (
-    build_parts,
-    build_train_loader,
-    resolve_dataset,
-    resolve_eval_bins,
-    steps_per_epoch,
-)
-from largefr.train.checkpoint import latest_checkpoint
+import torch
+from tqdm import tqdm
+
+from largefr.data.loader import FaceLoader
+from largefr.train.build import TrainParts
 from largefr.train.evaluate import PeriodicVerifier
-from largefr.train.loggers import build_loggers
-from largefr.train.loop import Trainer
-from largefr.train.state import Progress, resume as resume_from
-
-log = logging.getLogger("largefr.train")
+from largefr.train.loggers import Logger
+from largefr.train.state import Progress, save
+from largefr.train.step import StepResult, train_step
 
 
-def resume_path(cfg: Config, resume: str) -> Path | None:
-    """``resume``: 'auto' (newest complete checkpoint of the run, if any), 'none', or a checkpoint dir."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(cfg.checkpoint_dir)
-    path = Path(resume)
-    if not (path / ".metadata").is_file():
-        raise ConfigError("", f"--resume {resume!r} is not a complete checkpoint directory (no .metadata)")
-    return path
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
 
 
-def train(cfg: Config, ctx: DistContext, max_steps: int | None = None, resume: str = "auto") -> Progress:
-    """Train (or continue training) the run described by ``cfg`` on this rank; returns where it stopped."""
-    started = time.perf_counter()
-    cfg, manifest = resolve_dataset(cfg)
-    bins = resolve_eval_bins(cfg)
-    loader = build_train_loader(cfg, ctx, manifest)
-    spe = steps_per_epoch(loader, cfg.train.grad_accum)
-    parts = build_parts(cfg, ctx, spe)
-    out = Path(cfg.output_dir)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        print(f"resolved config ({ctx.world_size} ranks, backend {ctx.backend}, device {ctx.device}):")
-        print(cfg.to_yaml(), end="", flush=True)
-    progress = Progress()
-    path = resume_path(cfg, resume)
-    if path is not None:
-        progress = resume_from(parts, loader, path)
-        log.info("resumed from %s at step %d (epoch %d)", path, progress.step, progress.epoch)
-    total = parts.scheduler.schedule.total_steps
-    log.info("%d optimizer steps per epoch, %d in all; global batch %d x %d accumulation",
-             spe, total, cfg.train.batch_size * ctx.world_size, cfg.train.grad_accum)
-    verifier = PeriodicVerifier(bins, ctx, cfg.data.image_size)
-    with build_loggers(cfg.logging, out, ctx.rank, run_config=cfg.to_dict()) as logger:
-        trainer = Trainer(parts, loader, logger, verifier, progress, total, -1 if path is None else progress.step)
-        progress = trainer.fit(max_steps)
-    log.info("stopped at step %d of %d after %.1f s; checkpoints in %s",
-             progress.step, total, time.perf_counter() - started, cfg.checkpoint_dir)
-    return progress
+@dataclass
+class RateMeter:
+    """Images per second and ETA between log steps (wall clock; each log step syncs the device)."""
+
+    images_per_step: int
+    last_time: float = 0.0
+    last_step: int = 0
+    excluded: float = 0.0
+
+    def start(self, step: int) -> None:
+        self.last_time, self.last_step, self.excluded = time.perf_counter(), step, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training steps (verification, checkpoints) since the last rate."""
+        self.excluded += seconds
+
+    def rate(self, step: int) -> float:
+        now = time.perf_counter()
+        steps, elapsed = step - self.last_step, max(now - self.last_time - self.excluded, 1e-9)
+        self.start(step)
+        self.last_time = now
+        return steps * self.images_per_step / elapsed
+
+
+class Trainer:
+    def __init__(
+        self, parts: TrainParts, loader: FaceLoader, logger: Logger, verifier: PeriodicVerifier,
+        progress: Progress, total_steps: int, saved_step: int = -1,
+    ) -> None:
+        """``saved_step``: the step of an existing checkpoint of this state (a resume), not saved again."""
+        self.parts, self.loader, self.logger, self.verifier = parts, loader, logger, verifier
+        self.progress, self.total_steps = progress, total_steps
+        cfg = parts.cfg
+        self.accum = cfg.train.grad_accum
+        self.meter = RateMeter(cfg.train.batch_size * self.accum * parts.ctx.world_size)
+        self.last_saved = saved_step
+        self.end = total_steps
+        self._loss_sum = torch.zeros((), device=parts.ctx.device)
+        self._loss_count = 0
+
+    def fit(self, max_steps: int | None = None) -> Progress:
+        """Train until the schedule's end (or ``max_steps``); always ends with a checkpoint."""
+        end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        self.end = end
+        bar = self._progress_bar(end)
+        self.parts.ddp.train()
+        self.parts.head.train()
+        first_step = self.progress.step
+        self.meter.start(first_step)
+        try:
+            while self.progress.step < end:
+                self._run_epoch(end, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        trained = self.progress.step > first_step
+        if trained and self.verifier and self.progress.step % self.parts.cfg.train.eval_every != 0:
+            self._verify()  # the final network, unless just verified
+        if self.last_saved != self.progress.step:
+            self._save()
+        return self.progress
+
+    def _run_epoch(self, end: int, bar: tqdm | None) -> None:
+        loader, progress = self.loader, self.progress
+        loader.set_epoch(progress.epoch)
+        steps_left = (len(loader) - int(loader.state_dict()["step"])) // self.accum
+        batches = iter(loader)
+        try:
+            for _ in range(steps_left):
+                if progress.step >= end:
+                    return
+                result = train_step(self.parts, self._micro_batches(batches))
+                progress.step += 1
+                if bar is not None:
+                    bar.update(1)
+                self._after_step(result)
+        finally:
+            batches.close()  # type: ignore[attr-defined]  (a generator: stops loader workers now)
+        progress.epoch += 1
+
+    def _micro_batches(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # The torch DataLoader draws its workers' base seed from the global torch RNG when an epoch
+        # starts; keep that draw out of the training stream so resumed runs see the same dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            return [next(batches) for _ in range(self.accum)]
+
+    def _after_step(self, result: StepResult) -> None:
+        cfg, step = self.parts.cfg, self.progress.step
+        self._loss_sum += result.loss
+        self._loss_count += 1
+        if step % cfg.train.log_every == 0 or step == self.end:
+            self._log(result)
+        if self.verifier and step % cfg.train.eval_every == 0:
+            self._verify()
+        if step % cfg.checkpoint.every_steps == 0:
+            self._save()
+
+    def _verify(self) -> None:
+        started = time.perf_counter()
+        metrics = self.verifier(self.parts.model)
+        if metrics:
+            self.logger.log(self.progress.step, metrics)
+        self.meter.exclude(time.perf_counter() - started)
+
+    def _log(self, result: StepResult) -> None:
+        step = self.progress.step
+        loss = float(self._loss_sum) / self._loss_count  # mean since the last log line
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            raise TrainingDiverged(f"loss is {loss} at step {step}; lower optim.*.lr or use train.precision=fp32")
+        rate = self.meter.rate(step)
+        eta = (self.total_steps - step) * self.meter.images_per_step / max(rate, 1e-9)
+        metrics = {
+            "loss": loss,
+            "lr": self.parts.backbone_opt.param_groups[0]["lr"],
+            "lr_head": self.parts.head_opt.param_groups[0]["lr"],
+            "images_per_s": rate,
+            "eta_min": eta / 60.0,
+            "epoch": self.progress.epoch,
+        }
+        if self.parts.cfg.train.clip_grad_norm is not None:
+            metrics["grad_norm"] = float(result.grad_norm)
+        if self.parts.precision.scaler.enabled:
+            metrics["loss_scale"] = self.parts.precision.scaler.get_scale()
+        self.logger.log(step, metrics)
+
+    def _save(self) -> None:
+        started = time.perf_counter()
+        save(self.parts, self.loader, self.progress)
+        self.last_saved = self.progress.step
+        self.meter.exclude(time.perf_counter() - started)
+
+    def _progress_bar(self, end: int) -> tqdm | None:
+        if not self.parts.ctx.is_main or not self.parts.cfg.logging.console:
+            return None
+        return tqdm(total=end, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True,
+                    mininterval=1.0)

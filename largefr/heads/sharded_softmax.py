@@ -22,7 +22,7 @@ The target logit is a function of (||x_i||, ||W_y||, x_i . W_y) only, so its gra
 is a_i x_i + b_i W_y: a_i is folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` in factored form
-(largefr.distributed.weight_grad.WeightGrad), so no dense slice-sized gradient is ever accumulated by
+(largefr.heads.factored_grad.FactoredWeightGrad), so no dense slice-sized gradient is ever accumulated by
 autograd and the optimizer can form it block by block while the rows are in cache.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch.distributed import ProcessGroup, ReduceOp
 
 from largefr.distributed.collectives import all_reduce_
-from largefr.distributed.weight_grad import WeightGrad
+from largefr.heads.factored_grad import FactoredWeightGrad
 
 # target logit from (||x||, ||W_y||, x . W_y), each [n]
 TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,7 +49,7 @@ class ShardedSoftmaxSpec:
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
     workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
     # receives the W-rows gradient and the workspace leases its tensors live in
-    grad_sink: Callable[[WeightGrad, tuple[Any, ...]], None]
+    grad_sink: Callable[[FactoredWeightGrad, tuple[Any, ...]], None]
     w_inv_norm: torch.Tensor | None = None  # 1/||W_j|| of w_rows when the caller already has it
 
 
@@ -253,7 +253,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
             _mm_into(probs.t() if ctx.x_gemm.dtype == torch.float32 else probs.t().to(ctx.x_gemm.dtype),
                      ctx.x_gemm[a:b], dense, accumulate=True)
     factor = buffer if dense is None else None
-    weight_grad = WeightGrad(beta, ctx.inv_norm, factor=factor, x=ctx.x_gemm.detach(), dense=dense)
+    weight_grad = FactoredWeightGrad(beta, ctx.inv_norm, factor=factor, x=ctx.x_gemm.detach(), dense=dense)
     _release(ctx)
     spec.grad_sink(weight_grad, leases)
     return grad_x_op, grad_x_raw

@@ -33,7 +33,7 @@ def project_out_radial(
 
 
 @dataclass
-class WeightGrad:
+class FactoredWeightGrad:
     """Factored dL/dW_rows (see the module docstring). Exactly one of ``factor`` or ``dense`` is set."""
 
     beta: torch.Tensor  # [K]
