@@ -1,4 +1,5 @@
-"""10-fold verification accuracy, TAR@FAR and AUC against independent scikit-learn computations."""
+"""The exact protocol, TAR@FAR and AUC against independent scikit-learn computations (the default,
+insightface protocol is pinned in test_eval_insightface_protocol.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,7 @@ def _reference(a: np.ndarray, b: np.ndarray, issame: np.ndarray, folds: int) -> 
 @pytest.mark.parametrize("n,noise,seed", [(600, 1.2, 0), (347, 2.0, 1), (1000, 0.8, 2)])
 def test_tenfold_matches_sklearn_kfold_reference(n: int, noise: float, seed: int) -> None:
     a, b, issame = _pairs(n, 16, noise, seed)
-    res = verify(a, b, issame, folds=10)
+    res = verify(a, b, issame, folds=10, protocol="exact")
     ref_acc, ref_thr = _reference(a, b, issame, 10)
     np.testing.assert_allclose(res["fold_accuracies"], ref_acc, atol=1e-12)
     np.testing.assert_allclose(res["fold_thresholds"], ref_thr, atol=1e-9)
@@ -51,9 +52,10 @@ def test_tenfold_matches_sklearn_kfold_reference(n: int, noise: float, seed: int
     assert 0.5 < res["accuracy_mean"] < 1.0  # a non-trivial case: the threshold search matters
 
 
-def test_perfectly_separable_pairs() -> None:
+@pytest.mark.parametrize("protocol", ["insightface", "exact"])
+def test_perfectly_separable_pairs(protocol: str) -> None:
     a, b, issame = _pairs(400, 32, 0.05, 3)
-    res = verify(a, b, issame)
+    res = verify(a, b, issame, protocol=protocol)
     assert res["accuracy_mean"] == 1.0 and res["accuracy_std"] == 0.0
     assert res["auc"] == 1.0
     assert res["tar_at_far"] == {1e-3: 1.0, 1e-4: 1.0}
@@ -87,7 +89,9 @@ def test_interleaved_order_matches_pairs() -> None:
     a, b, issame = _pairs(200, 8, 1.0, 4)
     inter = np.empty((400, 8))
     inter[0::2], inter[1::2] = a, b
-    assert verify_interleaved(inter, issame)["accuracy_mean"] == verify(a, b, issame)["accuracy_mean"]
+    for protocol in ("insightface", "exact"):
+        got, want = verify_interleaved(inter, issame, protocol=protocol), verify(a, b, issame, protocol=protocol)
+        assert got["accuracy_mean"] == want["accuracy_mean"] and got["protocol"] == protocol
 
 
 @pytest.mark.parametrize(
