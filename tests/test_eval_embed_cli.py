@@ -90,30 +90,51 @@ def test_checkpoint_loader_uses_registry_and_checks_fit(checkpoint: Path, tmp_pa
         load_backbone_from_checkpoint(wrong, "cpu")
 
 
-def test_eval_cli_end_to_end(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("protocol", [None, "exact"])
+def test_eval_cli_end_to_end(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str | None
+) -> None:
     bins = [tmp_path / "lfw.bin", tmp_path / "agedb_30.bin"]
     _write_set(bins[0], 10, seed=0)
     _write_set(bins[1], 12, seed=50)
     out = tmp_path / "out"
+    chosen = [] if protocol is None else ["--protocol", protocol]
     rc = main(["eval", "--checkpoint", str(checkpoint), "--bins", *map(str, bins), "--out-dir", str(out),
-               "--batch-size", "8", "--workers", "2", "--device", "cpu"])
+               "--batch-size", "8", "--workers", "2", "--device", "cpu", *chosen])
     text = capsys.readouterr().out
     assert rc == 0, text
     print(text)
+    expected = protocol or "insightface"  # the default
     results = json.loads((out / "results.json").read_text())
     model = load_backbone_from_checkpoint(checkpoint, "cpu")
     for b in bins:
         vb = load_bin(b)
-        ref = verify_interleaved(embed_images(model, vb.images, workers=1), vb.issame)
+        ref = verify_interleaved(embed_images(model, vb.images, workers=1), vb.issame, protocol=expected)
         got = results[vb.name]
+        assert got["protocol"] == expected and got["folds"] == 10
+        assert got["threshold_unit"] == {"insightface": "squared_l2", "exact": "cosine"}[expected]
         assert got["accuracy_mean"] == pytest.approx(ref["accuracy_mean"]) and got["auc"] == pytest.approx(ref["auc"])
-        assert got["accuracy_mean"] == 1.0  # genuine pairs are the same face re-encoded; impostors differ
+        assert got["threshold"] == pytest.approx(ref["threshold"])
+        assert got["auc"] == 1.0  # genuine pairs are the same face re-encoded; impostors differ
+        if expected == "exact":
+            assert got["accuracy_mean"] == 1.0  # the max-margin threshold generalises to the held-out fold
+        # insightface takes the FIRST best grid threshold, the tightest one: with 1-pair folds a held-out
+        # genuine pair farther apart than every training one is rejected (lfw: 0.9 here, as its reference)
         assert set(got["tar_at_far"]) == {"0.001", "0.0001"}
+        if expected == "insightface":
+            assert set(got["val_at_far"]) == {"0.001", "0.0001"}
+            assert got["val_at_far"]["0.001"]["val"] == pytest.approx(ref["val_at_far"][1e-3]["val"])
+        else:
+            assert "val_at_far" not in got
         from PIL import Image
 
         with Image.open(out / f"roc_{vb.name}.png") as png:
             assert png.format == "PNG" and png.size[0] > 100
-        assert any(line.startswith(vb.name) and "100.00 ± 0.00" in line for line in text.splitlines())
+        row = next(line for line in text.splitlines() if line.startswith(vb.name))
+        accuracy = f"{100 * got['accuracy_mean']:.2f} ± {100 * got['accuracy_std']:.2f}"
+        assert accuracy in row and f" {expected} " in row
+        assert (" d2 " if expected == "insightface" else " cos ") in row
+    assert f"protocol {expected}" in text
 
 
 def test_eval_cli_bad_input_is_a_clear_error(

@@ -1,4 +1,8 @@
-"""``largefr eval``: 10-fold verification of a checkpoint on insightface .bin sets, with flip test."""
+"""``largefr eval``: 10-fold verification of a checkpoint on insightface .bin sets, with flip test.
+
+The protocol (``--protocol``, default insightface's; see :mod:`largefr.eval.verification`) is named in
+the printed table and in each set's entry of ``results.json``, with the threshold's unit.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +15,7 @@ from typing import Any
 
 import torch
 
-from largefr.eval.verification import DEFAULT_FARS
+from largefr.eval.verification import DEFAULT_FARS, PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU) or a torch device")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds")
     parser.add_argument("--no-flip", action="store_true", help="embed images only, without their mirror")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="insightface",
+        help="threshold search: 'insightface' (squared L2 distance, grid 0:4:0.01, first best threshold; the "
+        "published numbers' protocol, with VAL@FAR) or 'exact' (cosine, exact max-margin search)",
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -60,20 +69,30 @@ def evaluate_bin(
         model, vb.images, image_size, args.batch_size, args.workers, device, flip=not args.no_flip
     )
     rate = len(vb.images) / (time.perf_counter() - start)
-    metrics = verify_interleaved(emb, vb.issame, folds=args.folds)
+    metrics = verify_interleaved(emb, vb.issame, folds=args.folds, protocol=args.protocol)
     png = plot_roc({vb.name: (metrics["fpr"], metrics["tpr"])}, args.out_dir / f"roc_{vb.name}.png", f"ROC {vb.name}")
     return SetResult(vb.name, metrics, rate, png)
 
 
+_UNIT_SHORT = {"squared_l2": "d2", "cosine": "cos"}
+
+
+def _val_cell(m: dict[str, Any], far: float) -> str:
+    val = m.get("val_at_far", {}).get(far)
+    return "-" if val is None else f"{val['val']:.4f} ± {val['val_std']:.4f}"
+
+
 def format_table(results: list[SetResult]) -> str:
-    header = ["set", "pairs", "accuracy (%)", "threshold"] + [f"TAR@FAR={f:g}" for f in DEFAULT_FARS] + ["AUC", "img/s"]
+    header = (["set", "pairs", "protocol", "accuracy (%)", "threshold"] + [f"TAR@FAR={f:g}" for f in DEFAULT_FARS]
+              + [f"VAL@FAR={f:g}" for f in DEFAULT_FARS] + ["AUC", "img/s"])
     rows = [header]
     for r in results:
         m = r.metrics
         rows.append(
-            [r.name, str(m["num_pairs"]), f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}",
-             f"{m['threshold']:.4f}"]
+            [r.name, str(m["num_pairs"]), m["protocol"], f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}",
+             f"{m['threshold']:.4f} {_UNIT_SHORT[m['threshold_unit']]}"]
             + [f"{m['tar_at_far'][f]:.4f}" for f in DEFAULT_FARS]
+            + [_val_cell(m, f) for f in DEFAULT_FARS]
             + [f"{m['auc']:.4f}", f"{r.images_per_s:.0f}"]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -84,16 +103,22 @@ def format_table(results: list[SetResult]) -> str:
 
 def _summary(r: SetResult) -> dict[str, Any]:
     m = r.metrics
-    return {
+    summary = {
+        "protocol": m["protocol"],
+        "folds": int(len(m["fold_accuracies"])),
         "accuracy_mean": m["accuracy_mean"],
         "accuracy_std": m["accuracy_std"],
         "threshold": m["threshold"],
+        "threshold_unit": m["threshold_unit"],
         "tar_at_far": {f"{k:g}": v for k, v in m["tar_at_far"].items()},
         "auc": m["auc"],
         "num_pairs": m["num_pairs"],
         "images_per_s": r.images_per_s,
         "roc_png": str(r.roc_png),
     }
+    if "val_at_far" in m:
+        summary["val_at_far"] = {f"{k:g}": v for k, v in m["val_at_far"].items()}
+    return summary
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = [evaluate_bin(model, Path(b), meta.image_size, args, device) for b in args.bins]
     print(f"checkpoint {args.checkpoint} ({meta.backbone}, {meta.embedding_size}-d), device {device}, "
-          f"flip test {'off' if args.no_flip else 'on'}, {args.folds} folds")
+          f"flip test {'off' if args.no_flip else 'on'}, {args.folds} folds, protocol {args.protocol}")
     print(format_table(results))
     summary = {r.name: _summary(r) for r in results}
     (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
