@@ -12,8 +12,9 @@ from largefr.cli import main as cli_main
 from largefr.data.manifest import read_manifest
 from largefr.data.shards import iter_tar_samples
 from largefr.data.synth import FaceGenerator, SynthSpec, render_jpegs
-from largefr.data.synth_dataset import (kfold_accuracy, pixel_verification_accuracy, write_synthetic_dataset, train_order,
+from largefr.data.synth_dataset import (pixel_verification_accuracy, write_synthetic_dataset, train_order,
                                         verification_pairs)
+from largefr.eval.verification import verify_interleaved
 
 
 def test_an_image_depends_only_on_seed_identity_and_instance():
@@ -75,11 +76,15 @@ def test_raw_pixels_do_not_solve_verification():
     assert 0.45 < accuracy < 0.75
 
 
-def test_kfold_accuracy():
-    rng = np.random.default_rng(0)
-    issame = np.arange(400) % 2 == 0
-    assert kfold_accuracy(issame + rng.random(400) * 0.5, issame) == 1.0
-    assert 0.35 < kfold_accuracy(rng.random(400), issame) < 0.65
+def test_pixel_baseline_is_the_eval_protocol_on_pixels():
+    spec = SynthSpec(identities=10, per_identity=1, seed=1, holdout=8, pairs=40)
+    ids, inst, issame = verification_pairs(spec)
+    bins = render_jpegs(FaceGenerator(), spec, ids, inst)
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32).reshape(-1) for b in bins])
+    x -= x.mean(axis=1, keepdims=True)
+    want = verify_interleaved(x, issame)  # what ``largefr eval`` computes for these "embeddings"
+    assert want["protocol"] == "insightface"
+    assert pixel_verification_accuracy(bins, issame.tolist()) == pytest.approx(want["accuracy_mean"], abs=1e-6)
 
 
 def test_synth_cli_and_bad_arguments(tmp_path, capsys):

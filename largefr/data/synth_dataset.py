@@ -24,6 +24,7 @@ from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, fi
                                 shard_bytes_for)
 from largefr.data.manifest import Manifest
 from largefr.data.synth import IMAGE_SIZE, FaceGenerator, SynthSpec, render_jpegs
+from largefr.eval.verification import grid_kfold_accuracy, pair_squared_distance
 
 log = logging.getLogger("largefr.data")
 
@@ -97,39 +98,13 @@ def write_verification(spec: SynthSpec, path: Path, workers: int) -> tuple[list[
 
 
 def pixel_verification_accuracy(bins: list[bytes], issame: list[bool], folds: int = 10) -> float:
-    """Verification accuracy of raw pixels: per-image standardised, flattened, cosine similarity,
-    k-fold best threshold (the LFW protocol). The floor any learned embedding must beat."""
+    """Verification accuracy of raw pixels: per-image standardised, flattened, then ``largefr eval``'s
+    default (insightface) k-fold protocol, at most one fold per pair. The floor any learned embedding must beat."""
     x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32).reshape(-1) for b in bins])
     x -= x.mean(axis=1, keepdims=True)
-    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-8
-    sims = np.sum(x[0::2] * x[1::2], axis=1)
-    return kfold_accuracy(sims, np.asarray(issame, dtype=bool), folds)
-
-
-def kfold_accuracy(sims: np.ndarray, issame: np.ndarray, folds: int = 10) -> float:
-    """Mean test accuracy over ``folds`` folds, each thresholded at the best threshold of the others."""
-    folds = max(1, min(folds, len(sims)))
-    fold_of = np.arange(len(sims)) * folds // len(sims)
-    accs = []
-    for f in range(folds):
-        train, test = fold_of != f, fold_of == f
-        best = best_threshold(sims[train], issame[train])
-        accs.append(np.mean((sims[test] > best) == issame[test]))
-    return float(np.mean(accs))
-
-
-def best_threshold(sims: np.ndarray, issame: np.ndarray) -> float:
-    """The threshold t maximising the accuracy of ``sims > t`` as a predictor of ``issame``."""
-    order = np.argsort(sims)
-    s, same = sims[order], issame[order]
-    # predicting "same" for sorted positions >= i: correct = negatives below i + positives from i on
-    correct = np.concatenate([[0], np.cumsum(~same)]) + np.concatenate([np.cumsum(same[::-1])[::-1], [0]])
-    i = int(np.argmax(correct))
-    if i == 0:
-        return float(s[0] - 1e-6)
-    if i == len(s):
-        return float(s[-1] + 1e-6)
-    return float((s[i - 1] + s[i]) / 2)
+    dist = pair_squared_distance(x[0::2], x[1::2])
+    accs, _ = grid_kfold_accuracy(dist, np.asarray(issame, dtype=bool), min(folds, len(issame)))
+    return float(accs.mean())
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike[str], spec: SynthSpec, *, workers: int = 2,
