@@ -89,7 +89,8 @@ def format_table(results: list[SetResult]) -> str:
     for r in results:
         m = r.metrics
         rows.append(
-            [r.name, str(m["num_pairs"]), m["protocol"], f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}",
+            [r.name, str(m["num_pairs"]), m["protocol"],
+             f"{100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_std']:.2f}",
              f"{m['threshold']:.4f} {_UNIT_SHORT[m['threshold_unit']]}"]
             + [f"{m['tar_at_far'][f]:.4f}" for f in DEFAULT_FARS]
             + [_val_cell(m, f) for f in DEFAULT_FARS]
