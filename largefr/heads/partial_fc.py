@@ -103,11 +103,12 @@ class PartialFC(nn.Module):
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.feature_scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
-        target_fn = functools.partial(self.margin.target_from_stats, step=self.training_forwards)
+        target_fn = functools.partial(_target_logit, self.margin, self.training_forwards)
         sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
         spec = ShardedSoftmaxSpec(
-            self.process_group, x_all.shape[0], self.margin.normalize_weight, target_fn,
-            self.chunk_rows, self._workspace, sink, inv_norm,
+            group=self.process_group, num_rows=x_all.shape[0], normalize_weight=self.margin.normalize_weight,
+            target_fn=target_fn, chunk_rows=self.chunk_rows, workspace=self._workspace, grad_sink=sink,
+            w_inv_norm=inv_norm,
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
         if self.training:
@@ -214,6 +215,12 @@ class PartialFC(nn.Module):
             f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_range={self.class_range}, sample_rate={self.sample_rate}, world_size={self.world_size}"
         )
+
+
+def _target_logit(
+    margin: Margin, step: int, x_norm: torch.Tensor, w_norm: torch.Tensor, dot: torch.Tensor, params: Any
+) -> torch.Tensor:
+    return margin.target_from_stats(x_norm, w_norm, dot, step)
 
 
 def _check_args(margin: Margin, embedding_size: int, num_classes: int, sample_rate: float, chunk_rows: int | None) -> None:

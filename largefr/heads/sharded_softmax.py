@@ -1,9 +1,11 @@
 """Softmax cross-entropy over classes sharded across ranks, without ever gathering logits.
 
-Each rank holds the logits of the whole (gathered) batch against its own class rows K:
+Each rank holds the logits of the whole (gathered) batch against its own K class columns:
 
     l_ij = x_i . W_j * (1 / ||W_j|| if weights are normalised)        non-target entries
-    l_iy = target_fn(x_raw_i, W_y)                                      owned target entries
+    l_ij <- max_k l_ijk                                                 with S sub-centres per class
+    l_ij <- f_i(l_ij)                                                   optional non-target transform
+    l_iy = T_i = target_fn(||x_raw_i||, ||W_y||, x_raw_i . W_y)          owned target entries
 
 Per rank the logits buffer is turned in place into the LOCAL softmax p_ij = exp(l_ij - m_i) / s_i
 (torch's fused softmax kernel; m_i, s_i the local row max and sum). With the global max
@@ -15,19 +17,23 @@ M_i = all-reduce MAX of m_i and the rescaled local sums r_i = s_i exp(m_i - M_i)
 Backward is local: dL/dl_ij = (softmax_ij - [j = y_i]) / N = c_i p_ij - [j = y_i] / N with
 c_i = r_i / (N S_i). The row factor c_i is applied to the small [N, D] GEMM operands, not to the
 buffer. Target entries are zeroed in the buffer and their gradient c_i p_iy - 1/N goes through the
-target function. Through the row normalisation the gradient is analytic: with u_j = sum_i G_ij x_i / ||W_j||
-(what GEMM3 gives once the buffer's columns are scaled), dL/dW_j = u_j - W_j (u_j . W_j) / ||W_j||^2.
+target function. A non-target transform multiplies the buffer by its slope f_i'(l_ij) (kept from the
+forward); sub-centres route each entry's gradient to its best sub-centre k*_ij. Through the row
+normalisation the gradient is analytic: with u_j = sum_i G_ij x_i / ||W_j|| (what GEMM3 gives once the
+buffer's columns are scaled), dL/dW_j = u_j - W_j (u_j . W_j) / ||W_j||^2.
 
-The target logit is a function of (||x_i||, ||W_y||, x_i . W_y) only, so its gradient with respect to W_y
-is a_i x_i + b_i W_y: a_i is folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
+The target logit is a function of (||x_i||, ||W_y||, x_i . W_y) only (and of per-row constants such as
+AdaFace's or ElasticFace's margins), so its gradient with respect to W_y is a_i x_i + b_i W_y: a_i is
+folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` in factored form
 (largefr.heads.factored_grad.FactoredWeightGrad), so no dense slice-sized gradient is ever accumulated by
-autograd and the optimizer can form it block by block while the rows are in cache.
+autograd and the optimizer can form it block by block while the rows are in cache. The saved state is a
+:class:`largefr.heads.softmax_state.SavedSoftmax` (its module docstring maps these symbols to names).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,22 +41,36 @@ from torch.distributed import ProcessGroup, ReduceOp
 
 from largefr.distributed.collectives import all_reduce_
 from largefr.heads.factored_grad import FactoredWeightGrad
+from largefr.heads.softmax_state import (
+    ChunkBuffers,
+    NontargetPrepare,
+    NontargetTransform,
+    Operands,
+    RowParams,
+    SavedSoftmax,
+    TargetFn,
+    Targets,
+    find_targets,
+    take_chunk_buffers,
+)
+from largefr.heads.workspace import Lease, Workspace
 
-# target logit from (||x||, ||W_y||, x . W_y), each [n]
-TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-@dataclass
+@dataclass(frozen=True, kw_only=True, eq=False)
 class ShardedSoftmaxSpec:
     group: ProcessGroup | None
     num_rows: int  # global batch size N; the loss is the mean over it
     normalize_weight: bool
     target_fn: TargetFn
     chunk_rows: int | None  # bound on logits rows held at once (recomputed in backward when set)
-    workspace: Any  # largefr.heads.workspace.Workspace (buffers with leases)
+    workspace: Workspace
     # receives the W-rows gradient and the workspace leases its tensors live in
-    grad_sink: Callable[[FactoredWeightGrad, tuple[Any, ...]], None]
+    grad_sink: Callable[[FactoredWeightGrad, tuple[Lease, ...]], None]
     w_inv_norm: torch.Tensor | None = None  # 1/||W_j|| of w_rows when the caller already has it
+    sub_centers: int = 1  # S rows per class, consecutive in w_rows; the class logit is their max
+    row_params: RowParams = field(default_factory=dict)  # per-row margin constants, each [N]
+    nontarget: NontargetPrepare | None = None  # builds this step's f_i from the global target cosines
+    nontarget_needs_target_cosine: bool = False  # all-reduce cos(theta_y) of every row before the softmax
 
 
 def _gemm_dtype(device: torch.device) -> torch.dtype | None:
@@ -73,139 +93,51 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bo
         out.copy_(torch.mm(a, b))
 
 
-class _Chunks:
-    """Row ranges [a, b) of the gathered batch processed one at a time."""
-
-    def __init__(self, num_rows: int, chunk_rows: int | None) -> None:
-        size = num_rows if not chunk_rows or chunk_rows >= num_rows else chunk_rows
-        self.size = max(size, 1)
-        self.ranges = [(a, min(a + self.size, num_rows)) for a in range(0, num_rows, self.size)]
-        self.single = len(self.ranges) == 1
+def _chunk_ranges(num_rows: int, chunk_rows: int | None) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(chunk size, row ranges [a, b) of the gathered batch processed one at a time)."""
+    size = max(num_rows if not chunk_rows or chunk_rows >= num_rows else chunk_rows, 1)
+    return size, tuple((a, min(a + size, num_rows)) for a in range(0, num_rows, size))
 
 
-def _target_column(target_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    owned = target_col >= 0
-    return owned, target_col.clamp_min(0).unsqueeze(1)
+def _operands(
+    x_op: torch.Tensor, x_raw: torch.Tensor, w_rows: torch.Tensor, spec: ShardedSoftmaxSpec,
+    gemm_dtype: torch.dtype | None, leases: dict[str, Lease],
+) -> Operands:
+    inv_norm = None
+    if spec.normalize_weight:
+        inv_norm = spec.w_inv_norm
+        if inv_norm is None:
+            inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
+    x_gemm = x_op if gemm_dtype is None else x_op.to(gemm_dtype)
+    w_gemm = w_rows
+    if gemm_dtype is not None:
+        w_gemm, leases["w_gemm"] = spec.workspace.take("w_gemm", tuple(w_rows.shape), gemm_dtype, x_op.device)
+        w_gemm.copy_(w_rows)
+    return Operands(x_gemm, x_raw, w_rows, w_gemm, inv_norm, spec.sub_centers)
 
 
-def _target_stats(x_raw: torch.Tensor, w_rows: torch.Tensor, target_col: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each row's target class row W_y [N, D] and the target function's inputs ||x||, ||W_y||, x . W_y."""
-    if w_rows.shape[0] > 0:
-        w_target = w_rows.index_select(0, target_col.clamp_min(0))
-    else:
-        w_target = torch.zeros_like(x_raw)
-    return {
-        "w_target": w_target,
-        "x_norm": torch.linalg.vector_norm(x_raw, dim=1).clamp_min_(1e-12),
-        "w_norm": torch.linalg.vector_norm(w_target, dim=1).clamp_min_(1e-12),
-        "dot": (x_raw * w_target).sum(dim=1),
-    }
-
-
-def _target_input_grads(
-    ctx: Any, a: int, b: int, grad_target: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d(target logit)/d(||x||, ||W_y||, x . W_y) for rows [a, b), times grad_target."""
-    with torch.enable_grad():
-        inputs = [ctx.stats[k][a:b].detach().requires_grad_(True) for k in ("x_norm", "w_norm", "dot")]
-        target = ctx.spec.target_fn(*inputs).float()
-        grads = torch.autograd.grad(target, inputs, grad_target, allow_unused=True)
-    return tuple(torch.zeros_like(grad_target) if g is None else g for g in grads)  # type: ignore[return-value]
-
-
-def _local_softmax_(ctx: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` [b-a, K] with the local softmax of rows [a, b); returns their local max m_i."""
-    _mm_into(ctx.x_gemm[a:b], ctx.w_gemm.t(), out)
-    if ctx.inv_norm is not None:
-        out.mul_(ctx.inv_norm)
+def _local_softmax_(
+    ops: Operands, t: Targets, transform: NontargetTransform | None, a: int, b: int, chunk: ChunkBuffers
+) -> torch.Tensor:
+    """Fill ``chunk.logits`` [b-a, K] with the local softmax of rows [a, b); returns their local max m_i."""
+    out = chunk.logits
+    scores = out if chunk.scores is None else chunk.scores
+    _mm_into(ops.x_gemm[a:b], ops.w_gemm.t(), scores)
+    if ops.inv_norm is not None:
+        scores.mul_(ops.inv_norm)
     if out.shape[1] == 0:
         return torch.full((b - a,), float("-inf"), device=out.device)
-    owned, col = _target_column(ctx.target_col[a:b])
+    if chunk.scores is not None:
+        torch.max(scores.view(b - a, ops.num_cols, ops.sub_centers), dim=2, out=(out, chunk.best_sub))
+    if transform is not None:
+        transform(out, chunk.slope, a, b)  # type: ignore[arg-type]
+    col = t.col_or_zero
     current = out.gather(1, col).squeeze(1)
-    out.scatter_(1, col, torch.where(owned, ctx.target_value[a:b], current).unsqueeze(1))
+    out.scatter_(1, col, torch.where(t.owned, t.value, current).unsqueeze(1))
     local_max = out.amax(dim=1)
     # in place is safe: the kernel reads each row for its max and sum before writing it
     torch.ops.aten._softmax.out(out, 1, False, out=out)
     return local_max
-
-
-class ShardedMarginSoftmaxCE(torch.autograd.Function):
-    """forward: local softmax, all-reduce MAX of row maxima, one all-reduce SUM of (rescaled sum, target logit);
-    backward: local, no collective (softmax - onehot from the saved/recomputed buffer).
-
-    Inputs: x_op [N, D] (GEMM operand rows), x_raw [N, D] (raw rows for the target function),
-    w_rows [K, D] (this rank's sampled class rows), target_col [N] (column of each row's class among
-    w_rows, -1 where another rank owns it), anchor (a 0-size tensor that requires grad so the backward
-    runs even when the embeddings need no gradient), spec. Output: the global mean loss (same on all ranks).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x_op: torch.Tensor,
-        x_raw: torch.Tensor,
-        w_rows: torch.Tensor,
-        target_col: torch.Tensor,
-        anchor: torch.Tensor,
-        spec: ShardedSoftmaxSpec,
-    ) -> torch.Tensor:
-        gemm_dtype = _gemm_dtype(x_op.device)
-        with torch.autocast(x_op.device.type, enabled=False):
-            return _forward(ctx, x_op, x_raw, w_rows, target_col, spec, gemm_dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        with torch.autocast(grad_loss.device.type, enabled=False):
-            grad_x_op, grad_x_raw = _backward(ctx, grad_loss)
-        return grad_x_op, grad_x_raw, None, None, torch.zeros_like(ctx.anchor_like), None
-
-
-def _forward(
-    ctx: Any,
-    x_op: torch.Tensor,
-    x_raw: torch.Tensor,
-    w_rows: torch.Tensor,
-    target_col: torch.Tensor,
-    spec: ShardedSoftmaxSpec,
-    gemm_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    num_rows, num_cols = x_op.shape[0], w_rows.shape[0]
-    device, ws = x_op.device, spec.workspace
-    ctx.spec, ctx.target_col, ctx.x_raw, ctx.w_rows = spec, target_col, x_raw, w_rows
-    ctx.anchor_like = torch.empty(0, device=device)
-    ctx.inv_norm = None
-    if spec.normalize_weight:
-        ctx.inv_norm = spec.w_inv_norm
-        if ctx.inv_norm is None:
-            ctx.inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
-    ctx.x_gemm = x_op if gemm_dtype is None else x_op.to(gemm_dtype)
-    ctx.leases = []
-    if gemm_dtype is None:
-        ctx.w_gemm = w_rows
-    else:
-        ctx.w_gemm, lease = ws.take("w_gemm", tuple(w_rows.shape), gemm_dtype, device)
-        ctx.w_gemm.copy_(w_rows)
-        ctx.leases.append(lease)
-    ctx.stats = _target_stats(x_raw, w_rows, target_col)
-    ctx.target_value = spec.target_fn(ctx.stats["x_norm"], ctx.stats["w_norm"], ctx.stats["dot"]).float()
-    # x_raw_i = kappa_i x_op_i: converts the target's "a x_raw" weight gradient to the GEMM operand
-    ctx.kappa = ctx.stats["x_norm"] / torch.linalg.vector_norm(x_op, dim=1).clamp_min(1e-12)
-
-    chunks = _Chunks(num_rows, spec.chunk_rows)
-    buffer, lease = ws.take("logits", (chunks.size, num_cols), torch.float32, device)
-    ctx.leases.append(lease)
-    ctx.row_factor = torch.empty(num_rows, device=device)  # r_i / S_i
-    loss_sum = torch.zeros((), device=device)
-    for a, b in chunks.ranges:
-        probs = buffer[: b - a]
-        local_max = _local_softmax_(ctx, a, b, probs)
-        owned = target_col[a:b] >= 0
-        loss_sum += _global_stats(probs, local_max, owned, ctx.target_value[a:b], spec.group, ctx.row_factor[a:b])
-    ctx.chunks = chunks
-    ctx.probs = buffer if chunks.single else None
-    if not chunks.single:
-        ctx.leases = ctx.leases[:-1]  # the chunk buffer is reused only inside this call
-    return loss_sum / num_rows
 
 
 def _global_stats(
@@ -227,81 +159,156 @@ def _global_stats(
     return (stats[0].log() + global_max - stats[1]).sum()
 
 
-def _backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    spec: ShardedSoftmaxSpec = ctx.spec
-    num_rows, num_cols = ctx.x_gemm.shape[0], ctx.w_rows.shape[0]
-    device, ws = grad_loss.device, spec.workspace
-    coef = grad_loss.float() / num_rows
-    grad_x_op = torch.empty(ctx.x_gemm.shape, dtype=torch.float32, device=device)
-    grad_x_raw = torch.zeros_like(ctx.x_raw)
-    beta = torch.zeros(num_cols, device=device)
-    leases: tuple[Any, ...] = tuple(ctx.leases)
+class ShardedMarginSoftmaxCE(torch.autograd.Function):
+    """forward: local softmax, all-reduce MAX of row maxima, one all-reduce SUM of (rescaled sum, target logit);
+    backward: local, no collective (softmax - onehot from the saved/recomputed buffer).
+
+    Inputs: x_op [N, D] (GEMM operand rows), x_raw [N, D] (raw rows for the target function),
+    w_rows [S*K, D] (this rank's sampled class rows, S sub-centres each), target_col [N] (column of each
+    row's class among the K classes, -1 where another rank owns it), anchor (a 0-size tensor that requires
+    grad so the backward runs even when the embeddings need no gradient), spec. Output: the global mean
+    loss (same on all ranks). A margin asking for the target cosines costs one more all-reduce of [N].
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_op: torch.Tensor,
+        x_raw: torch.Tensor,
+        w_rows: torch.Tensor,
+        target_col: torch.Tensor,
+        anchor: torch.Tensor,
+        spec: ShardedSoftmaxSpec,
+    ) -> torch.Tensor:
+        gemm_dtype = _gemm_dtype(x_op.device)
+        with torch.autocast(x_op.device.type, enabled=False):
+            ctx.saved, loss = _forward(x_op, x_raw, w_rows, target_col, spec, gemm_dtype)
+        ctx.spec = spec
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        saved, spec = ctx.saved, ctx.spec
+        ctx.saved = ctx.spec = None  # a graph kept alive by the caller pins no workspace slot
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grad_x_op, grad_x_raw = _backward(saved, spec, grad_loss)
+        return grad_x_op, grad_x_raw, None, None, torch.zeros(0, device=grad_loss.device), None
+
+
+def _forward(
+    x_op: torch.Tensor,
+    x_raw: torch.Tensor,
+    w_rows: torch.Tensor,
+    target_col: torch.Tensor,
+    spec: ShardedSoftmaxSpec,
+    gemm_dtype: torch.dtype | None,
+) -> tuple[SavedSoftmax, torch.Tensor]:
+    leases: dict[str, Lease] = {}
+    ops = _operands(x_op, x_raw, w_rows, spec, gemm_dtype, leases)
+    targets = find_targets(x_raw, x_op, w_rows, target_col, spec.sub_centers, spec.row_params, spec.target_fn)
+    transform = None
+    if spec.nontarget is not None:
+        cosine = None
+        if spec.nontarget_needs_target_cosine:  # the target lives on one rank: a sum gathers it everywhere
+            cosine = all_reduce_(targets.cosine, ReduceOp.SUM, spec.group)
+        transform = spec.nontarget(cosine)
+    chunk_size, ranges = _chunk_ranges(ops.num_rows, spec.chunk_rows)
+    chunk_leases: dict[str, Lease] = {}
+    buffers = take_chunk_buffers(spec.workspace, ops, chunk_size, transform is not None, chunk_leases)
+    row_factor = torch.empty(ops.num_rows, device=x_op.device)  # r_i / S_i
+    loss_sum = torch.zeros((), device=x_op.device)
+    for a, b in ranges:
+        chunk, t = buffers.rows(b - a), targets.rows(a, b)
+        local_max = _local_softmax_(ops, t, transform, a, b, chunk)
+        loss_sum += _global_stats(chunk.logits, local_max, t.owned, t.value, spec.group, row_factor[a:b])
+    single = len(ranges) == 1
+    if single:  # chunked: the buffers are reused only inside this call, their leases end here
+        leases.update(chunk_leases)
+    saved = SavedSoftmax(ops, targets, row_factor, ranges, chunk_size, transform, buffers if single else None, leases)
+    return saved, loss_sum / ops.num_rows
+
+
+def _backward(saved: SavedSoftmax, spec: ShardedSoftmaxSpec, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ops = saved.ops
+    device = grad_loss.device
+    coef = grad_loss.float() / ops.num_rows
+    grad_x_op = torch.empty(ops.x_gemm.shape, dtype=torch.float32, device=device)
+    grad_x_raw = torch.zeros_like(ops.x_raw)
+    beta = torch.zeros(ops.w_rows.shape[0], device=device)
     dense = None
-    if ctx.chunks.single:
-        buffer = ctx.probs
-    else:  # the buffer is reused per chunk, so the x-side sum must be formed here
-        buffer, chunk_lease = ws.take("logits", (ctx.chunks.size, num_cols), torch.float32, device)
-        dense, dense_lease = ws.take("grad_w", (num_cols, ctx.x_gemm.shape[1]), torch.float32, device)
+    sink_leases = dict(saved.leases)
+    buffers = saved.kept
+    if buffers is None:  # chunked: the buffers are reused per chunk, so the x-side sum is formed here
+        chunk_leases: dict[str, Lease] = {}
+        buffers = take_chunk_buffers(spec.workspace, ops, saved.chunk_size, saved.transform is not None, chunk_leases)
+        dense, sink_leases["grad_w"] = spec.workspace.take("grad_w", tuple(ops.w_rows.shape), torch.float32, device)
         dense.zero_()
-        leases = (dense_lease,)
-    for a, b in ctx.chunks.ranges:
-        probs = buffer[: b - a]
-        if not ctx.chunks.single:
-            _local_softmax_(ctx, a, b, probs)
-        _chunk_backward(ctx, a, b, probs, coef, grad_x_op, grad_x_raw, beta)
+    for a, b in saved.chunk_ranges:
+        chunk, t = buffers.rows(b - a), saved.targets.rows(a, b)
+        if saved.kept is None:
+            _local_softmax_(ops, t, saved.transform, a, b, chunk)
+        row_scale = coef * saved.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
+        factor = _chunk_backward(ops, t, chunk, row_scale, coef, spec.target_fn, a, b, grad_x_op, grad_x_raw, beta)
         if dense is not None:
-            _mm_into(probs.t() if ctx.x_gemm.dtype == torch.float32 else probs.t().to(ctx.x_gemm.dtype),
-                     ctx.x_gemm[a:b], dense, accumulate=True)
-    factor = buffer if dense is None else None
-    weight_grad = FactoredWeightGrad(beta, ctx.inv_norm, factor=factor, x=ctx.x_gemm.detach(), dense=dense)
-    _release(ctx)
-    spec.grad_sink(weight_grad, leases)
+            _mm_into(factor.t() if ops.x_gemm.dtype == torch.float32 else factor.t().to(ops.x_gemm.dtype),
+                     ops.x_gemm[a:b], dense, accumulate=True)
+    factor = buffers.weight_factor if dense is None else None
+    weight_grad = FactoredWeightGrad(beta, ops.inv_norm, factor=factor, x=ops.x_gemm.detach(), dense=dense)
+    spec.grad_sink(weight_grad, tuple(sink_leases.values()))
     return grad_x_op, grad_x_raw
 
 
 def _chunk_backward(
-    ctx: Any, a: int, b: int, probs: torch.Tensor, coef: torch.Tensor,
-    grad_x_op: torch.Tensor, grad_x_raw: torch.Tensor, beta: torch.Tensor,
-) -> None:
-    """Rows [a, b): x gradients, and the buffer turned into this chunk's factor G of the W gradient."""
-    row_scale = coef * ctx.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
-    if probs.shape[1]:
-        owned, col = _target_column(ctx.target_col[a:b])
-        grad_target = _take_target_entries(ctx, a, b, probs, row_scale, coef)
-        d_xnorm, d_wnorm, d_dot = _target_input_grads(ctx, a, b, grad_target)
-        stats = ctx.stats
-        grad_x_raw[a:b] = d_dot.unsqueeze(1) * stats["w_target"][a:b] + (d_xnorm / stats["x_norm"][a:b]).unsqueeze(
-            1
-        ) * ctx.x_raw[a:b]
-    probs.mul_(row_scale.unsqueeze(1))
-    if ctx.inv_norm is not None:
-        probs.mul_(ctx.inv_norm)
-    grad_logits = probs if ctx.w_gemm.dtype == torch.float32 else probs.to(ctx.w_gemm.dtype)
-    _mm_into(grad_logits, ctx.w_gemm, grad_x_op[a:b])
-    if probs.shape[1]:
-        # the target's W gradient d_dot x_raw + (d_wnorm / ||W_y||) W_y: x part into the zeroed entry
-        # (rows owned elsewhere point at column 0 and must keep its value)
-        current = probs.gather(1, col).squeeze(1)
-        probs.scatter_(1, col, torch.where(owned, d_dot * ctx.kappa[a:b], current).unsqueeze(1))
-        beta.index_add_(0, col.squeeze(1), torch.where(owned, d_wnorm / stats["w_norm"][a:b], torch.zeros_like(d_dot)))
-
-
-def _release(ctx: Any) -> None:
-    """Drop every buffer and the spec, so a graph kept alive by the caller pins no workspace slot."""
-    ctx.probs = ctx.w_rows = ctx.w_gemm = ctx.x_gemm = ctx.x_raw = ctx.spec = ctx.stats = None
-    ctx.leases = []
-
-
-def _take_target_entries(
-    ctx: Any, a: int, b: int, probs: torch.Tensor, row_scale: torch.Tensor, coef: torch.Tensor
+    ops: Operands, t: Targets, chunk: ChunkBuffers, row_scale: torch.Tensor, coef: torch.Tensor,
+    target_fn: TargetFn, a: int, b: int, grad_x_op: torch.Tensor, grad_x_raw: torch.Tensor, beta: torch.Tensor,
 ) -> torch.Tensor:
+    """Rows [a, b): x gradients; returns the chunk's factor G [b-a, S*K] of the W gradient (in a buffer)."""
+    probs = chunk.logits
+    has_cols = probs.shape[1] > 0
+    if has_cols:
+        grad_target = _take_target_entries(probs, t, row_scale, coef)
+        d_xnorm, d_wnorm, d_dot = _target_input_grads(target_fn, t, grad_target)
+        grad_x_raw[a:b] = d_dot.unsqueeze(1) * t.w_target + (d_xnorm / t.x_norm).unsqueeze(1) * ops.x_raw[a:b]
+    if chunk.slope is not None:
+        probs.mul_(chunk.slope)  # dL/dl = dL/df f'(l); the target entries are already zero
+    probs.mul_(row_scale.unsqueeze(1))
+    grad = probs
+    if chunk.scores is not None:  # each class's gradient goes to its best sub-centre k*_ij only
+        grad = chunk.scores.zero_()
+        grad.view(b - a, ops.num_cols, ops.sub_centers).scatter_(2, chunk.best_sub.unsqueeze(2), probs.unsqueeze(2))  # type: ignore[union-attr]
+    if ops.inv_norm is not None:
+        grad.mul_(ops.inv_norm)
+    grad_logits = grad if ops.w_gemm.dtype == torch.float32 else grad.to(ops.w_gemm.dtype)
+    _mm_into(grad_logits, ops.w_gemm, grad_x_op[a:b])
+    if has_cols:
+        # the target's W gradient d_dot x_raw + (d_wnorm / ||W_y||) W_y: x part into the zeroed entry
+        # (rows owned elsewhere point at row 0 and must keep its value)
+        row = t.row.unsqueeze(1)
+        current = grad.gather(1, row).squeeze(1)
+        grad.scatter_(1, row, torch.where(t.owned, d_dot * t.kappa, current).unsqueeze(1))
+        beta.index_add_(0, t.row, torch.where(t.owned, d_wnorm / t.w_norm, torch.zeros_like(d_dot)))
+    return grad
+
+
+def _target_input_grads(
+    target_fn: TargetFn, t: Targets, grad_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(target logit)/d(||x||, ||W_y||, x . W_y) for the rows of ``t``, times grad_target."""
+    with torch.enable_grad():
+        inputs = [v.detach().requires_grad_(True) for v in (t.x_norm, t.w_norm, t.dot)]
+        target = target_fn(*inputs, t.params).float()
+        grads = torch.autograd.grad(target, inputs, grad_target, allow_unused=True)
+    return tuple(torch.zeros_like(grad_target) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+def _take_target_entries(probs: torch.Tensor, t: Targets, row_scale: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """Zero the owned target entries of the buffer; return their logits' gradient [b - a].
 
     The gradient row_scale * p - coef goes through the target function instead of the GEMMs
     (zero where another rank owns the target).
     """
-    owned, col = _target_column(ctx.target_col[a:b])
+    col = t.col_or_zero
     at_target = probs.gather(1, col).squeeze(1)
     zeros = torch.zeros_like(at_target)
-    probs.scatter_(1, col, torch.where(owned, zeros, at_target).unsqueeze(1))
-    return torch.where(owned, row_scale * at_target - coef, zeros)
+    probs.scatter_(1, col, torch.where(t.owned, zeros, at_target).unsqueeze(1))
+    return torch.where(t.owned, row_scale * at_target - coef, zeros)
