@@ -324,7 +324,7 @@ def test_bad_margin_parameters() -> None:
     with pytest.raises(ValueError, match="integer"):
         margins.LSoftmax(margin=1.5)
     with pytest.raises(ValueError, match="unknown margin"):
-        margins.build_margin("magface")
+        margins.build_margin("nosuchface")
 
 
 def test_arcface_monotonic_option_only_changes_large_angles() -> None:

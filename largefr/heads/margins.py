@@ -1,13 +1,9 @@
-"""The margin-softmax family as data: what to normalise, the scale, and the target-logit transform.
+"""The margin-softmax family as data: the classic margins, the modern ones, and the registry.
 
-Every margin produces logits of the form
-
-    non-target j:  a_i * b_j * cos(theta_ij)          (= x_i . W_j with the declared normalisations)
-    target y_i:    target_logit(x_i, W_y)              (the margin's own function, differentiable)
-
-where a_i = s (a fixed scale) when features are normalised, ||x_i|| otherwise, and b_j = 1 when W rows
-are normalised, ||W_j|| otherwise. The sharded head (partial_fc.py) only reads these declarations and
-calls ``target_logit``; it knows no margin by name. All functions here are pure tensor math.
+The contract every margin follows (normalisations, scale, target transform and the optional
+capabilities) is in largefr.heads.margin_base; the modern margins (CurricularFace, AdaFace, MagFace,
+sub-centre ArcFace, ElasticFace) are in largefr.heads.modern_margins and re-exported here. All
+functions here are pure tensor math.
 """
 from __future__ import annotations
 
@@ -17,12 +13,29 @@ from typing import ClassVar
 
 import torch
 
-# Clamp for sqrt(1 - cos^2) and acos: keeps d/dcos finite when cos -> +-1 (theta -> 0 or pi).
-_COS_EPS = 1e-6
+from largefr.heads.margin_base import (
+    Margin,
+    MarginBatch,
+    NormalizedMargin,
+    check_flag,
+    check_number,
+    combined_margin_cosine,
+    theta_of,
+)
+from largefr.heads.modern_margins import (
+    AdaFace,
+    CurricularFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    MagFace,
+    SubCenterArcFace,
+)
 
-
-def _theta(cos: torch.Tensor) -> torch.Tensor:
-    return torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
+__all__ = [
+    "AdaFace", "ArcFace", "CombinedMargin", "CosFace", "CurricularFace", "ElasticArcFace", "ElasticCosFace",
+    "LSoftmax", "MagFace", "Margin", "MarginBatch", "MARGINS", "NormFace", "NormalizedMargin", "Softmax",
+    "SphereFace", "SubCenterArcFace", "build_margin", "combined_margin_cosine", "multiplicative_angular_psi",
+]
 
 
 def multiplicative_angular_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
@@ -35,75 +48,9 @@ def multiplicative_angular_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
     return sign * torch.cos(m * theta) - 2.0 * k
 
 
-def _check_number(owner: object, name: str, value: object, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{type(owner).__name__}: {name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{type(owner).__name__}: {name} must be > 0, got {value!r}")
-
-
-def _check_flag(owner: object, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{type(owner).__name__}: {name} must be True or False, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Margin:
-    """Base declaration. The normalisations are fixed per class (not constructor arguments);
-    subclasses declare their own parameters, which are the positional ones."""
-
-    normalize_features: ClassVar[bool] = False
-    normalize_weight: ClassVar[bool] = False
-
-    @property
-    def feature_scale(self) -> float:
-        """a_i when features are normalised (the fixed scale s); unused otherwise."""
-        return 1.0
-
-    def target_logit(self, x: torch.Tensor, w: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Target logit of each row of raw embeddings x [n, D] against its raw class row w [n, D]."""
-        x_norm, w_norm = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(w, dim=1)
-        return self.target_from_stats(x_norm, w_norm, (x * w).sum(dim=1), step)
-
-    def target_from_stats(
-        self, x_norm: torch.Tensor, w_norm: torch.Tensor, dot: torch.Tensor, step: int = 0
-    ) -> torch.Tensor:
-        """The same target logit from ||x||, ||w|| and x . w ([n] each).
-
-        Every margin depends on x and w only through these three numbers, so its gradient with respect
-        to w is a x + b w: the sharded head uses that to fold the target's weight gradient into its GEMMs.
-        """
-        cos = dot / (x_norm * w_norm).clamp_min(1e-12)
-        return self.row_scale(x_norm, w_norm) * self.target_cosine(cos, step)
-
-    def row_scale(self, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
-        """a_i * b_y: the magnitude multiplying the target's (transformed) cosine."""
-        a = torch.full_like(x_norm, self.feature_scale) if self.normalize_features else x_norm
-        return a if self.normalize_weight else a * w_norm
-
-    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
-        return cos
-
-
 @dataclass(frozen=True)
 class Softmax(Margin):
     """Plain softmax: logits x . W_j (no normalisation, no margin)."""
-
-
-@dataclass(frozen=True)
-class NormalizedMargin(Margin):
-    """Base of the margins on normalised features and W rows: logits s * cos, ``scale`` s first."""
-
-    normalize_features: ClassVar[bool] = True
-    normalize_weight: ClassVar[bool] = True
-    scale: float = 64.0
-
-    @property
-    def feature_scale(self) -> float:
-        return float(self.scale)
-
-    def __post_init__(self) -> None:
-        _check_number(self, "scale", self.scale, positive=True)
 
 
 @dataclass(frozen=True)
@@ -122,26 +69,7 @@ class CosFace(NormalizedMargin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number(self, "margin", self.margin)
-
-
-def combined_margin_cosine(
-    cos: torch.Tensor, m1: float, m2: float, m3: float, monotonic: bool = False
-) -> torch.Tensor:
-    """cos(m1 * theta + m2) - m3 with theta = acos(cos), optionally continued monotonically.
-
-    The gradient is the true derivative through theta (clamped at |cos| = 1 - 1e-6). When
-    m1 * theta + m2 > pi the function stops being monotonic: d/dtheta = -m1 sin(m1 theta + m2) turns
-    positive, so such (rare, badly misclassified) samples are pushed further from their class. With
-    ``monotonic`` the curve is continued past theta_max = (pi - m2) / m1 by the straight line
-    (cos - cos(theta_max)) - 1 - m3, which meets it at -1 - m3 and keeps decreasing in theta.
-    """
-    phi = torch.cos(m1 * _theta(cos) + m2) - m3
-    theta_max = (math.pi - m2) / m1
-    if not monotonic or theta_max >= math.pi:
-        return phi
-    cos_max = math.cos(theta_max)
-    return torch.where(cos > cos_max, phi, (cos - cos_max) - 1.0 - m3)
+        check_number(self, "margin", self.margin)
 
 
 @dataclass(frozen=True)
@@ -160,10 +88,10 @@ class CombinedMargin(NormalizedMargin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number(self, "m1", self.m1, positive=True)
-        _check_number(self, "m2", self.m2)
-        _check_number(self, "m3", self.m3)
-        _check_flag(self, "monotonic", self.monotonic)
+        check_number(self, "m1", self.m1, positive=True)
+        check_number(self, "m2", self.m2)
+        check_number(self, "m3", self.m3)
+        check_flag(self, "monotonic", self.monotonic)
 
 
 @dataclass(frozen=True)
@@ -180,8 +108,8 @@ class ArcFace(NormalizedMargin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_number(self, "margin", self.margin)
-        _check_flag(self, "monotonic", self.monotonic)
+        check_number(self, "margin", self.margin)
+        check_flag(self, "monotonic", self.monotonic)
 
 
 @dataclass(frozen=True)
@@ -191,7 +119,7 @@ class LSoftmax(Margin):
     margin: int = 2
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
-        return multiplicative_angular_psi(_theta(cos), self.margin)
+        return multiplicative_angular_psi(theta_of(cos), self.margin)
 
     def __post_init__(self) -> None:
         if isinstance(self.margin, bool) or not (isinstance(self.margin, int) and self.margin >= 1):
@@ -217,7 +145,7 @@ class SphereFace(LSoftmax):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("lambda_base", "lambda_min", "gamma", "power"):
-            _check_number(self, name, getattr(self, name))
+            check_number(self, name, getattr(self, name))
 
     def annealing_lambda(self, step: int) -> float:
         if self.lambda_base <= 0:
@@ -238,6 +166,12 @@ MARGINS: dict[str, type[Margin]] = {
     "cosface": CosFace,
     "arcface": ArcFace,
     "combined": CombinedMargin,
+    "curricularface": CurricularFace,
+    "adaface": AdaFace,
+    "magface": MagFace,
+    "subcenter_arcface": SubCenterArcFace,
+    "elastic_arcface": ElasticArcFace,
+    "elastic_cosface": ElasticCosFace,
 }
 
 

@@ -23,7 +23,14 @@ from largefr.distributed import (
     group_size,
 )
 from largefr.heads.factored_grad import FactoredWeightGrad
-from largefr.heads.margins import Margin
+from largefr.heads.margin_base import Margin
+from largefr.heads.margin_runtime import (
+    STATE_PREFIX,
+    expand_sub_center_rows,
+    margin_step,
+    sample_regularizer_loss,
+    state_buffers,
+)
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
@@ -71,7 +78,11 @@ class PartialFC(nn.Module):
         self.rank, self.world_size = group_rank(process_group), group_size(process_group)
         start, stop = shard_range(num_classes, self.world_size, self.rank)
         self.class_range: tuple[int, int] = (start, stop)
-        self.weight = nn.Parameter(init_weight_rows(start, stop, embedding_size, seed), requires_grad=False)
+        self.sub_centers = margin.num_sub_centers  # S rows of W per class, consecutive
+        rows = self.row_range
+        self.weight = nn.Parameter(init_weight_rows(rows[0], rows[1], embedding_size, seed), requires_grad=False)
+        for name, value in state_buffers(margin).items():  # EMAs: identical on every rank, checkpointed
+            self.register_buffer(name, value)
         # a 0-size leaf that makes the loss require grad, so backward runs even for frozen embeddings
         self.grad_anchor = nn.Parameter(torch.zeros(0))
         self.training_forwards = 0
@@ -83,6 +94,16 @@ class PartialFC(nn.Module):
     @property
     def num_local_classes(self) -> int:
         return self.class_range[1] - self.class_range[0]
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """[start, stop) of this rank's rows of the global W [S * num_classes, D] (S sub-centres per class)."""
+        return self.class_range[0] * self.sub_centers, self.class_range[1] * self.sub_centers
+
+    @property
+    def margin_state(self) -> dict[str, torch.Tensor]:
+        """The margin's state (EMAs) by name: the head's ``margin_<name>`` buffers."""
+        return {n[len(STATE_PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(STATE_PREFIX)}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(embeddings, labels)
@@ -103,14 +124,18 @@ class PartialFC(nn.Module):
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.feature_scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
-        target_fn = functools.partial(_target_logit, self.margin, self.training_forwards)
+        hooks = margin_step(self.margin, x_all, self.training_forwards, self.seed, self.training, self.margin_state)
         sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
         spec = ShardedSoftmaxSpec(
             group=self.process_group, num_rows=x_all.shape[0], normalize_weight=self.margin.normalize_weight,
-            target_fn=target_fn, chunk_rows=self.chunk_rows, workspace=self._workspace, grad_sink=sink,
-            w_inv_norm=inv_norm,
+            target_fn=hooks.target_fn, chunk_rows=self.chunk_rows, workspace=self._workspace, grad_sink=sink,
+            w_inv_norm=inv_norm, sub_centers=self.sub_centers, row_params=hooks.row_params,
+            nontarget=hooks.nontarget, nontarget_needs_target_cosine=hooks.needs_target_cosine,
         )
         loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
+        regularizer = sample_regularizer_loss(self.margin, embeddings, x_all)
+        if regularizer is not None:
+            loss = loss + regularizer
         if self.training:
             self.training_forwards += 1
         return loss
@@ -118,7 +143,7 @@ class PartialFC(nn.Module):
     def _select_rows(
         self, local_labels: torch.Tensor, owned: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[Lease, ...]]:
-        """(local ids or None for all, label columns, W rows [K, D], 1/||row|| or None, buffer leases)."""
+        """(local W row ids or None for all, label columns, W rows [S*K, D], 1/||row|| or None, buffer leases)."""
         start = self.class_range[0]
         weight = self.weight.detach()
         if self.sample_rate >= 1.0:
@@ -126,7 +151,8 @@ class PartialFC(nn.Module):
             return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, None, ()
         # in eval mode the draw comes from a generator of its own: evaluating never shifts the training draws
         rng = self._rng(weight.device) if self.training else self._eval_rng(weight.device)
-        ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
+        class_ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
+        ids = expand_sub_center_rows(class_ids, self.sub_centers)  # Partial FC samples classes, not sub-centres
         rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
         inv_norm = torch.empty(ids.numel(), device=weight.device) if self.margin.normalize_weight else None
         # gather in blocks so each block's norms are taken while it is still in cache
@@ -137,7 +163,7 @@ class PartialFC(nn.Module):
                 torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + BLOCK_ROWS])
         if inv_norm is not None:
             inv_norm.clamp_min_(1e-12).reciprocal_()
-        self.sampled_class_ids = ids + start
+        self.sampled_class_ids = class_ids + start
         return ids, cols, rows, inv_norm, (lease,)
 
     def _rng(self, device: torch.device) -> torch.Generator:
@@ -181,6 +207,16 @@ class PartialFC(nn.Module):
 
         return build_row_optimizer(self, name, **hyper)
 
+    def load_margin_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the margin's state (replicated: the same at any world size); every name must be known."""
+        own = self.margin_state
+        unknown = set(state) - set(own)
+        if unknown or (state and set(state) != set(own)):
+            raise ValueError(f"margin state {sorted(state)} does not match {type(self.margin).__name__}'s {sorted(own)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+
     def get_extra_state(self) -> dict[str, Any]:
         rng = None if self._generator is None else self._generator.get_state()
         return {"training_forwards": self.training_forwards, "class_range": self.class_range, "num_classes": self.num_classes, "rng": rng}
@@ -215,12 +251,6 @@ class PartialFC(nn.Module):
             f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_range={self.class_range}, sample_rate={self.sample_rate}, world_size={self.world_size}"
         )
-
-
-def _target_logit(
-    margin: Margin, step: int, x_norm: torch.Tensor, w_norm: torch.Tensor, dot: torch.Tensor, params: Any
-) -> torch.Tensor:
-    return margin.target_from_stats(x_norm, w_norm, dot, step)
 
 
 def _check_args(margin: Margin, embedding_size: int, num_classes: int, sample_rate: float, chunk_rows: int | None) -> None:

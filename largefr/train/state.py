@@ -41,17 +41,18 @@ log = logging.getLogger("largefr.train")
 
 
 class HeadWeight:
-    """The head's W slice as a state_dict of one row-sharded tensor (its extra state travels per rank)."""
+    """The head's W slice as a row-sharded tensor, with the margin's state (EMAs, replicated scalars)."""
 
     def __init__(self, head: PartialFC) -> None:
         self.head = head
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weight": self.head.weight.detach()}
+        return {"weight": self.head.weight.detach(), "margin_state": dict(self.head.margin_state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             self.head.weight.copy_(state["weight"])
+        self.head.load_margin_state(state.get("margin_state", {}))
 
 
 @dataclass
@@ -75,13 +76,14 @@ class StepSize:
 
 
 def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) -> dict[str, Any]:
-    head, num_classes = parts.head, parts.head.num_classes
+    head = parts.head
+    rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
     extra = head.get_extra_state()
     return {
         "backbone": parts.model,
         "backbone_optim": OptimizerState(parts.model, parts.backbone_opt),
-        "head": RowShardedState(HeadWeight(head), head.class_range, num_classes),
-        "head_optim": RowShardedState(parts.head_opt, head.class_range, num_classes),
+        "head": RowShardedState(HeadWeight(head), rows, num_rows),
+        "head_optim": RowShardedState(parts.head_opt, rows, num_rows),
         "scheduler": parts.scheduler,
         "scaler": parts.precision.scaler,
         "progress": {"step": progress.step, "epoch": progress.epoch, "head_training_forwards": head.training_forwards},
