@@ -42,7 +42,7 @@ def _modern_logits(margin: M.Margin, x: torch.Tensor, cos: torch.Tensor, labels:
                    state: dict[str, float], seed: int, training: bool) -> torch.Tensor | None:
     """Logits [N, C] (scaled) for the modern margins from the class cosines cos [N, C]; None for others."""
     rows = torch.arange(x.shape[0])
-    s, c = margin.scale, cos[rows, labels]
+    s, c = getattr(margin, "scale", 1.0), cos[rows, labels]
     if isinstance(margin, M.CurricularFace):
         if training:
             state["t"] = 0.01 * c.detach().mean().item() + 0.99 * state["t"]
