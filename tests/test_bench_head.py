@@ -31,3 +31,13 @@ def test_bench_head_json_has_both_ratios(capsys):
     assert result["step_ms"] > 0 and result["floor_ms"] > 0 and result["row_traffic_ms"] > 0
     assert 0 < result["step_over_floor_plus_traffic"] < result["step_over_floor"]
     assert result["slice_plus_state_mb"] == pytest.approx(2 * 1500 * 32 * 4 / 2**20)
+
+
+@pytest.mark.slow
+def test_bench_head_runs_a_modern_margin_and_states_its_cost(capsys):
+    code = cli_main(["bench", "head", "--margin", "curricularface", "--margin-param", "scale=32", "--num-classes", "400",
+                     "--embedding-size", "16", "--batch-size", "8", "--world-size", "1", "--steps", "1", "--warmup", "1",
+                     "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and result["margin"] == "curricularface" and result["margin_params"] == {"scale": 32.0}
+    assert "extra passes over the logits" in result["margin_extra_cost"]

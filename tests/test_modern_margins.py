@@ -144,3 +144,37 @@ def test_sub_centre_class_logit_is_the_max_over_its_sub_centres() -> None:
     expected = torch.nn.functional.cross_entropy(8.0 * cos, labels)
     assert head(x, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     assert math.isfinite(expected.item())
+
+
+def test_recipes_build_the_papers_margins() -> None:
+    from pathlib import Path
+
+    from largefr.config import load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    expected = {
+        "ms1mv3_r50_curricularface.yaml": M.CurricularFace(64.0, 0.5, 0.01),
+        "ms1mv3_r50_adaface.yaml": M.AdaFace(64.0, 0.4, 0.333, 0.01),
+        "ms1mv3_r50_magface.yaml": M.MagFace(64.0, 10.0, 110.0, 0.45, 0.8, 35.0),
+        "ms1mv3_r50_subcenter_arcface.yaml": M.SubCenterArcFace(64.0, 0.5, 3),
+        "ms1mv3_r50_elastic_arcface.yaml": M.ElasticArcFace(64.0, 0.5, 0.05),
+        "ms1mv3_r50_elastic_cosface.yaml": M.ElasticCosFace(64.0, 0.35, 0.05),
+    }
+    for name, margin in expected.items():
+        cfg = load_config(configs / name)
+        assert M.build_margin(cfg.head.margin, **cfg.head.margin_params) == margin, name
+        assert cfg.head.num_classes == 93431, name
+
+
+def test_bench_margin_parameter_parsing_and_cost_statements() -> None:
+    import argparse
+
+    from largefr.bench.head import _margin_param
+
+    assert _margin_param("scale=64") == ("scale", 64.0) and _margin_param("sub_centers=3") == ("sub_centers", 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected K=V"):
+        _margin_param("scale")
+    assert M.ArcFace().extra_cost() == "" and M.ElasticArcFace().extra_cost() == ""
+    assert "extra passes" in M.CurricularFace().extra_cost() and "all-reduce" in M.CurricularFace().extra_cost()
+    assert "3x wider" in M.SubCenterArcFace().extra_cost()
+    assert "extra passes" in M.ArcFace(interclass_filter=0.4).extra_cost()

@@ -11,6 +11,11 @@ sampled row of W and of every optimizer state read once and written once (r < 1:
 scatter of those rows, the ops the optimizer uses; r = 1: one in-place pass over the slice and its
 state). On a machine whose memory bandwidth is low against its GEMM rate, step / (GEMM + traffic) shows
 how much of the step is neither.
+
+``--margin NAME`` (a largefr.heads.margins registry name, default arcface; ``--margin-param k=v`` for its
+parameters) times that margin's head. The floor stays the plain head's three GEMMs over the sampled class
+columns, so step/floor shows what a margin costs beyond them; the output also prints the margin's own
+statement of its extra cost (extra passes over the logits, extra collectives, wider GEMMs) or "none".
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class HeadBenchConfig:
     warmup: int = 3
     steps: int = 10
     chunk_rows: int | None = None
+    margin: str = "arcface"
+    margin_params: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,12 @@ def _timed(fn: Any, group: Any) -> float:
 
 
 def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
-    from largefr import PartialFC, margins
+    from largefr import PartialFC
+    from largefr.heads.margin_runtime import expand_sub_center_rows
+    from largefr.heads.margins import build_margin
 
     head = PartialFC(
-        margins.ArcFace(), cfg.embedding_size, cfg.num_classes, cfg.sample_rate, ctx.group,
+        build_margin(cfg.margin, **dict(cfg.margin_params)), cfg.embedding_size, cfg.num_classes, cfg.sample_rate, ctx.group,
         seed=0, chunk_rows=cfg.chunk_rows, validate=False,
     ).to(ctx.device)
     opt = head.optimizer(cfg.optimizer, lr=0.1, weight_decay=5e-4, **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
@@ -127,7 +136,9 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
     floor = _GemmFloor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype)
     floor()
     state = opt.state[head.weight]
-    ids = None if cfg.sample_rate >= 1.0 else head.sampled_class_ids - head.class_range[0]
+    ids = None
+    if cfg.sample_rate < 1.0:
+        ids = expand_sub_center_rows(head.sampled_class_ids - head.class_range[0], head.sub_centers)
     traffic = _RowTraffic([head.weight.detach(), *(t for t in state.values() if t.dim() == 2)], ids)
     # steps and floors alternate, so both see the same machine (other load, clock, cache state)
     steps, floors, moves = zip(*[
@@ -147,6 +158,9 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig) -> RankResult:
 
 
 def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
+    from largefr.heads.margins import build_margin
+
+    extra_cost = build_margin(cfg.margin, **dict(cfg.margin_params)).extra_cost() or "none"
     ranks = run_local_ranks(_bench_rank, cfg.world_size, cfg, threads_per_rank=max(1, torch.get_num_threads() // cfg.world_size))
     step_s = max(r.step_s for r in ranks)
     floor_s = max(r.floor_s for r in ranks)
@@ -155,6 +169,8 @@ def run_head_bench(cfg: HeadBenchConfig) -> dict[str, Any]:
     slice_state = worst_mem.weight_bytes + worst_mem.state_bytes
     return {
         **asdict(cfg),
+        "margin_params": dict(cfg.margin_params),
+        "margin_extra_cost": extra_cost,
         "sampled_rows_per_rank": ranks[0].sampled_rows,
         "step_ms": 1000 * step_s,
         "floor_ms": 1000 * floor_s,
@@ -179,7 +195,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-rows", type=int, default=None)
+    parser.add_argument("--margin", default="arcface", help="margin registry name (largefr.heads.margins.MARGINS)")
+    parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=_margin_param,
+                        help="a margin parameter, e.g. --margin-param scale=64 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per config")
+
+
+def _margin_param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V (e.g. scale=64), got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"margin parameter {key} must be a number, got {value!r}") from None
+    return key, int(number) if number.is_integer() and key == "sub_centers" else number
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         for rate in args.sample_rate:
             cfg = HeadBenchConfig(
                 num_classes, args.embedding_size, args.batch_size, rate, args.world_size, args.dtype,
-                args.optimizer, args.warmup, args.steps, args.chunk_rows,
+                args.optimizer, args.warmup, args.steps, args.chunk_rows, args.margin, tuple(args.margin_param),
             )
             result = run_head_bench(cfg)
             print(json.dumps(result) if args.json else _format(result), flush=True)
@@ -196,10 +226,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _format(r: dict[str, Any]) -> str:
     return (
-        f"C={r['num_classes']:,} r={r['sample_rate']} N={r['world_size']} B={r['batch_size']} "
+        f"{r['margin']} C={r['num_classes']:,} r={r['sample_rate']} N={r['world_size']} B={r['batch_size']} "
         f"D={r['embedding_size']} {r['dtype']} {r['optimizer']}: K={r['sampled_rows_per_rank']:,} rows/rank  "
         f"step {r['step_ms']:.1f} ms  floor {r['floor_ms']:.1f} ms  step/floor {r['step_over_floor']:.2f}  "
         f"row traffic {r['row_traffic_ms']:.1f} ms  step/(floor+traffic) {r['step_over_floor_plus_traffic']:.2f}  "
         f"peak RSS {r['peak_rss_mb']:.0f} MB = {r['rss_over_slice_plus_state']:.2f} x slice+state "
-        f"({r['slice_plus_state_mb']:.0f} MB)"
+        f"({r['slice_plus_state_mb']:.0f} MB)  margin extra cost: {r['margin_extra_cost']}"
     )
