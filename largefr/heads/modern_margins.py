@@ -57,16 +57,19 @@ def step_normal(seed: int, step: int, count: int, device: torch.device) -> torch
 
 def curricular_(logits: torch.Tensor, slope: torch.Tensor, hard_above: torch.Tensor, t: torch.Tensor,
                 scale: float, slope_set: bool) -> None:
-    """Hard negatives l > hard_above_i become l (t + l/s) = s cos (t + cos), slope t + 2 l/s (in place)."""
-    hard = logits > hard_above.unsqueeze(1)
-    cos = logits * (1.0 / scale)
-    shifted = cos + t
-    factor = torch.where(hard, shifted + cos, torch.ones_like(cos))
+    """Hard negatives l > hard_above_i become l (t + l/s) = s cos (t + cos), slope t + 2 l/s (in place).
+
+    Six passes over [n, K]: the mask, u = t + l/s, u := 1 off the mask, l *= u, and the slope 2u - t
+    (1 off the mask), multiplied into an existing slope when the inter-class filter set one.
+    """
+    easy = logits <= hard_above.unsqueeze(1)
+    u = torch.add(t, logits, alpha=1.0 / scale)
+    u.masked_fill_(easy, 1.0)
+    logits.mul_(u)
     if slope_set:
-        slope.mul_(factor)
+        slope.mul_(torch.add(-t, u, alpha=2.0).masked_fill_(easy, 1.0))
     else:
-        slope.copy_(factor)
-    logits.copy_(torch.where(hard, logits * shifted, logits))
+        torch.add(-t, u, alpha=2.0, out=slope).masked_fill_(easy, 1.0)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ class CurricularFace(_ArcTarget):
         return {"t": 0.0}
 
     def extra_cost(self) -> str:
-        cost = "one all-reduce of the N target cosines; hard-negative transform: 6 extra passes over the logits " \
-               "forward, 1 backward, one [N, K] slope buffer"
+        cost = ("one all-reduce of the N target cosines; hard-negative transform: 6 extra passes over the logits "
+                "forward (again in the backward when chunked), 1 backward, one [N, K] slope buffer")
         return cost + (" (plus the inter-class filter)" if self.interclass_filter is not None else "")
 
     def nontarget(self, state: MarginState, training: bool) -> NontargetPrepare:
