@@ -178,3 +178,22 @@ def test_bench_margin_parameter_parsing_and_cost_statements() -> None:
     assert "extra passes" in M.CurricularFace().extra_cost() and "all-reduce" in M.CurricularFace().extra_cost()
     assert "3x wider" in M.SubCenterArcFace().extra_cost()
     assert "extra passes" in M.ArcFace(interclass_filter=0.4).extra_cost()
+
+
+@pytest.mark.parametrize("margin", [M.CurricularFace(16.0, interclass_filter=0.3), M.SubCenterArcFace(16.0),
+                                    M.AdaFace(16.0), M.MagFace(16.0, 1.0, 6.0)], ids=lambda m: type(m).__name__)
+def test_bf16_autocast_close_to_fp32(margin: M.Margin) -> None:
+    x, labels = batch(6)
+    results = []
+    for autocast in (False, True):
+        head = PartialFC(margin, DIM, NUM_CLASSES, sample_rate=0.5, seed=1)
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = head(xg, labels)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        results.append((loss.item(), xg.grad.clone(), head.row_grad().grad.clone()))
+    (l32, gx32, gw32), (l16, gx16, gw16) = results
+    assert l16 == pytest.approx(l32, rel=2e-2)
+    assert (gx16 - gx32).norm() / gx32.norm() < 5e-2
+    assert (gw16 - gw32).norm() / gw32.norm() < 5e-2
