@@ -31,10 +31,11 @@ import torch
 # Clamp for sqrt(1 - cos^2) and acos: keeps d/dcos finite when cos -> +-1 (theta -> 0 or pi).
 COS_EPS = 1e-6
 
-RowParams = Mapping[str, torch.Tensor]
+RowParams = Mapping[str, torch.Tensor]  # per-row margin constants, each [N], no gradient
 MarginState = dict[str, torch.Tensor]  # scalar tensors (EMAs), identical on every rank
 # in place on rows [a, b): logits [n, K] -> f_i(logits), slope [n, K] <- f_i'(logits)
 NontargetTransform = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+# given every row's target cosine (all-reduced, [N]; None when not asked for), the transform of this step
 NontargetPrepare = Callable[[torch.Tensor | None], NontargetTransform]
 
 

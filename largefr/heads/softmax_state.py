@@ -14,19 +14,18 @@ Glossary (symbols of largefr.heads.sharded_softmax's docstring -> names here):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
+from largefr.heads.margin_base import NontargetPrepare, NontargetTransform, RowParams
 from largefr.heads.workspace import Lease, Workspace
 
-RowParams = Mapping[str, torch.Tensor]  # per-row margin parameters, each [N], no gradient
+__all__ = ["ChunkBuffers", "NontargetPrepare", "NontargetTransform", "Operands", "RowParams", "SavedSoftmax",
+           "TargetFn", "Targets", "find_targets", "take_chunk_buffers"]
+
 # target logit T_i from (||x_i||, ||W_y||, x_i . W_y, row params), each [n]
 TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RowParams], torch.Tensor]
-# in place on rows [a, b): logits [n, K] -> f_i(logits), slope [n, K] <- f_i'(logits)
-NontargetTransform = Callable[[torch.Tensor, torch.Tensor, int, int], None]
-# given every row's target cosine (all-reduced, [N]; None when not asked for), the transform of this step
-NontargetPrepare = Callable[[torch.Tensor | None], NontargetTransform]
 
 
 @dataclass(frozen=True)
