@@ -66,9 +66,9 @@ def run(root: Path, kind: str, batch_size: int, **kw) -> tuple[list[list[int]], 
     loader = build_loader(root, batch_size=batch_size, kind=kind, num_threads=0 if kind == "torch" else 1, **kw)
     labels, mirrored = [], []
     for images, lab in loader:
-        assert images.shape == (batch_size, 3, SIZE, SIZE)
+        assert images.shape == (batch_size, 3, SIZE, SIZE) and images.dtype == torch.uint8
         labels.append(lab.tolist())
-        mirrored.append((images[:, :, :, 0].mean((1, 2)) > images[:, :, :, -1].mean((1, 2))).tolist())
+        mirrored.append((images[:, :, :, 0].float().mean((1, 2)) > images[:, :, :, -1].float().mean((1, 2))).tolist())
     return labels, mirrored, loader.skipped
 
 
@@ -157,7 +157,7 @@ def test_flips_follow_the_plan_after_resume_and_across_loaders(tmp_path, kind):
         return l
 
     def mirrored(images: torch.Tensor) -> list[bool]:
-        return (images[:, :, :, 0].mean((1, 2)) > images[:, :, :, -1].mean((1, 2))).tolist()
+        return (images[:, :, :, 0].float().mean((1, 2)) > images[:, :, :, -1].float().mean((1, 2))).tolist()
 
     full = [(lab.tolist(), mirrored(im)) for im, lab in loader()]
     first = loader()

@@ -38,7 +38,8 @@ def tiny_config(**train: object) -> object:
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(GLOBAL_BATCH, 3, 112, 112, generator=g), torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g))
+    return [(torch.randint(0, 256, (GLOBAL_BATCH, 3, 112, 112), dtype=torch.uint8, generator=g),
+             torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g))
             for _ in range(STEPS)]
 
 

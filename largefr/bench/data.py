@@ -2,8 +2,10 @@
 
 In one run, on the same shards and thread count, alternately times (a) reading + decoding only
 (DALI: reader + decoder pipeline, outputs dropped; torch: DataLoader workers reading + PIL-decoding)
-and (b) the full loader (flip, normalise to float32 [-1,1] CHW, labels, tensors on the device). The
-ratio train-ready / decode-only is the loader's overhead; the medians over ``--repeats`` are reported.
+and (b) the full loader up to train-ready: the uint8 [B, 3, H, W] batch in the step's layout (flipped,
+CHW, contiguous), labels parsed, both on the device. The float conversion is the step's own (on the
+compute device) and not part of either. The ratio train-ready / decode-only is the loader's overhead;
+the medians over ``--repeats`` are reported.
 """
 from __future__ import annotations
 

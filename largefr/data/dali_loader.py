@@ -88,8 +88,7 @@ class FlipSource:
 def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
                    seed: int, shuffle_buffer: int = 0, flip: bool = True, decode_only: bool = False,
                    flips: np.ndarray | None = None) -> Any:
-    """Reader + decoder (+ flip and normalise to float32 CHW in [-1,1], and label bytes as int16 padded
-    with ``LABEL_PAD``). ``flips``: a mirror flag per listing position (in listing order); None with
+    """Reader + decoder (+ flip into uint8 CHW, and label bytes as int16 padded with ``LABEL_PAD``). ``flips``: a mirror flag per listing position (in listing order); None with
     ``flip`` draws a coin flip per sample."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
@@ -114,8 +113,8 @@ def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, devic
                 mirror = fn.random.coin_flip(probability=0.5)
             else:
                 mirror = fn.external_source(source=FlipSource(flips, batch_size), batch=True, dtype=types.INT32)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+            # no mean/std: uint8 out, only the flip and the HWC -> CHW transpose (one pass per image)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
             labels = fn.pad(fn.cast(cls, dtype=types.INT16), fill_value=LABEL_PAD)
             pipe.set_outputs(images, labels)
     pipe.build()
@@ -266,7 +265,7 @@ class DaliLoader(FaceLoader):
             # zero-copy: with exec_dynamic a buffer stays DALI-owned and untouched while Python holds it
             images = torch.from_dlpack(dense)
         else:
-            images = torch.empty(shape, dtype=torch.float32, device=c.device)
+            images = torch.empty(shape, dtype=torch.uint8, device=c.device)
             feed_ndarray(dense, images, cuda_stream=torch.accelerator.current_stream(c.device))
         labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
         return images, torch.from_numpy(labels).to(c.device)

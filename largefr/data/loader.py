@@ -7,7 +7,7 @@ Usage by a trainer::
     loader.load_state_dict(ckpt["loader"])           # optional: resume mid-epoch
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)                        # keeps the position when resuming this epoch
-        for images, labels in loader:                  # [B,3,H,W] float32 in [-1,1], [B] int64
+        for images, labels in loader:                  # [B,3,H,W] uint8, [B] int64
             ...
             ckpt["loader"] = loader.state_dict()       # per rank: (epoch, step, position, skipped)
 """
@@ -17,7 +17,6 @@ import abc
 import logging
 import operator
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, NamedTuple
 
@@ -78,11 +77,13 @@ class Batch(NamedTuple):
 class FaceLoader(abc.ABC):
     """One epoch per iteration of equal-size batches ``(images, labels)`` for this rank.
 
-    ``images`` is float32 [B, 3, H, W] in [-1, 1] on ``config.device``, ``labels`` int64 [B] on the same
-    device. ``len(loader)`` is the number of batches per epoch, equal on every rank. Finishing an epoch
-    advances the state to the next epoch; ``set_epoch(e)`` selects epoch ``e`` (from its start unless
-    the state is already inside epoch ``e``, as after ``load_state_dict``). ``skipped`` counts corrupt
-    or undecodable samples skipped so far (each one is also logged).
+    ``images`` is uint8 [B, 3, H, W] (RGB, contiguous, mirrored where the flip applies) on ``config.device``,
+    ``labels`` int64 [B] on the same device; :func:`largefr.models.input.normalize_images` turns the
+    images into the backbone's float32 input on that device. ``len(loader)`` is the number of batches per
+    epoch, equal on every rank. Finishing an epoch advances the state to the next epoch; ``set_epoch(e)``
+    selects epoch ``e`` (from its start unless the state is already inside epoch ``e``, as after
+    ``load_state_dict``). ``skipped`` counts corrupt or undecodable samples skipped so far (each one is
+    also logged).
     """
 
     kind: str = ""
@@ -208,37 +209,6 @@ def out_of_samples_error(rank: int, plan: EpochPlan, corrupt: int, root: object)
         f"rank {rank} epoch {plan.epoch}: ran out of valid samples after {corrupt} corrupt ones in {root}: "
         f"more than {plan.block_size} samples of this rank are unreadable"
     )
-
-
-class BufferPool:
-    """Output tensors reused once the consumer holds no reference (no tensor, view or autograd save) to
-    them. A fresh CPU batch costs more than filling it: a new 38 MB tensor is page-faulted in on every
-    batch. Device tensors come from the caching allocator and are not pooled."""
-
-    def __init__(self, size: int = 3) -> None:
-        self.size = size
-        self._buffers: list[torch.Tensor] = []
-        self._refs, self._uses = 0, 0
-        if hasattr(torch._C, "_storage_Use_Count"):
-            self._buffers.append(torch.empty(1))
-            self._refs, self._uses = self._counts(0)  # the counts of a buffer nobody else holds
-            self._buffers.clear()
-
-    def _counts(self, i: int) -> tuple[int, int]:
-        buffer = self._buffers[i]
-        return sys.getrefcount(buffer), torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
-
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if device.type != "cpu" or not self._refs:
-            return torch.empty(shape, dtype=dtype, device=device)
-        for i in range(len(self._buffers)):
-            same = tuple(self._buffers[i].shape) == shape and self._buffers[i].dtype == dtype
-            if same and self._counts(i) <= (self._refs, self._uses):
-                return self._buffers[i]
-        fresh = torch.empty(shape, dtype=dtype)
-        if len(self._buffers) < self.size:
-            self._buffers.append(fresh)
-        return fresh
 
 
 def dali_available() -> bool:

@@ -1,7 +1,8 @@
 """Flip-test embedding of encoded images, decoded in parallel threads while the model runs.
 
-Preprocessing is the project convention: RGB, ``image_size`` x ``image_size``, float32 [N, 3, H, W],
-``(pixel / 255 - 0.5) / 0.5``. The flip-test embedding is ``model(x) + model(mirror(x))``.
+Preprocessing is the project convention: RGB, ``image_size`` x ``image_size``; the uint8 batch goes to
+the device and is normalised there (:func:`largefr.models.input.normalize_images`, float32 [N, 3, H, W]
+in [-1, 1]). The flip-test embedding is ``model(x) + model(mirror(x))``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from largefr.models.input import normalize_images
+from largefr.models.input import InputBuffer
 
 
 def decode_image(data: bytes, image_size: int, index: int = -1) -> np.ndarray:
@@ -93,8 +94,10 @@ def embed_images(
         raise ValueError("no images to embed")
     model.eval()
     chunks: list[np.ndarray] = []
+    inputs = InputBuffer(torch.device(device))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         for batch in _decoded_batches(images, image_size, batch_size, pool):
-            x = normalize_images(torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2))
+            # HWC uint8 to the device; the normalisation writes the contiguous NCHW float input there
+            x = inputs(torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2))
             chunks.append(embed_batch(model, x, flip).float().cpu().numpy())
     return np.concatenate(chunks)

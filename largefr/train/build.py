@@ -24,6 +24,7 @@ from largefr.distributed import DistContext, wrap_ddp_sum
 from largefr.heads import PartialFC
 from largefr.heads.margins import build_margin
 from largefr.models import build_backbone
+from largefr.models.input import InputBuffer
 from largefr.train.amp import Precision
 from largefr.train.schedule import ScheduledLR, schedule_from_config
 
@@ -41,6 +42,7 @@ class TrainParts:
     head_opt: torch.optim.Optimizer
     scheduler: ScheduledLR
     precision: Precision
+    inputs: InputBuffer  # uint8 batches -> the backbone's float32 input, on ctx.device
 
 
 def resolve_dataset(cfg: Config) -> tuple[Config, Manifest]:
@@ -133,7 +135,8 @@ def build_parts(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> TrainPar
         raise ConfigError("schedule", str(exc)) from None
     scheduler = ScheduledLR([backbone_opt, head_opt], schedule)
     precision = Precision(cfg.train.precision, ctx.device)
-    return TrainParts(cfg, ctx, model, ddp, head, backbone_opt, head_opt, scheduler, precision)
+    return TrainParts(cfg, ctx, model, ddp, head, backbone_opt, head_opt, scheduler, precision,
+                      InputBuffer(ctx.device))
 
 
 def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> FaceLoader:

@@ -6,6 +6,10 @@ owner. Hence N ranks on B images each make the same update as 1 rank on the N*B 
 micro-batches each micro-batch loss is divided by A: the backbone's .grad and the head's row gradient
 (merged over backward passes) both accumulate the gradient of the mean of the A micro-batch losses.
 DDP all-reduces only in the last micro-batch's backward (``no_sync`` before).
+
+Input. Micro-batches hold the loaders' uint8 images; each is normalised on the compute device
+(:func:`largefr.models.input.normalize_images`, into ``parts.inputs``' reused buffer) right before
+its forward.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ def forward_backward(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tens
     for i, (images, labels) in enumerate(micro_batches):
         sync = contextlib.nullcontext() if i == count - 1 else parts.ddp.no_sync()
         with sync:
+            inputs = parts.inputs(images)
             with parts.precision.autocast():
-                embeddings = parts.ddp(images)
+                embeddings = parts.ddp(inputs)
                 loss = parts.head(embeddings, labels)
             parts.precision.scaler.scale(loss / count).backward()
         total += loss.detach().float() / count
