@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS: dict[str, str] = {
     "head": "largefr.bench.head",
     "data": "largefr.bench.data",
+    "train": "largefr.bench.train",
 }
 
 

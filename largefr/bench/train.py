@@ -1,0 +1,120 @@
+"""Training images/s with the real loader against the same steps on batches already in memory.
+
+One process (world size 1, the device largefr.distributed picks), the recipe's backbone, head, precision
+and loader. Measurements alternate, ``--repeats`` times: ``--steps`` optimizer steps fed by the loader,
+then ``--steps`` steps cycling through batches taken from that loader once and kept on the device
+(the step's input is the loaders' uint8 batch in both; its normalisation on the device is part of the
+step). Each measurement starts with ``--warmup`` untimed steps, which also drain whatever the loader
+prefetched meanwhile. ``loader_over_memory`` = median images/s with the loader / median in memory;
+1 - that is the share of training throughput the loader costs.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainBenchResult:
+    config: str
+    device: str
+    loader: str
+    workers: int
+    precision: str
+    batch_size: int
+    steps: int
+    repeats: int
+    loader_images_per_s: float
+    memory_images_per_s: float
+    loader_over_memory: float
+
+
+def endless(loader: Any) -> Batches:
+    """The loader's batches over consecutive epochs."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def timed_steps(parts: Any, batches: Batches, steps: int, warmup: int, accum: int) -> float:
+    """Images/s over ``steps`` optimizer steps after ``warmup`` untimed ones (device synced at both ends)."""
+    from largefr.train.step import train_step
+
+    for _ in range(warmup):
+        train_step(parts, [next(batches) for _ in range(accum)])
+    result = train_step(parts, [next(batches) for _ in range(accum)])
+    float(result.loss)  # host sync: the warm-up's work is done
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = train_step(parts, [next(batches) for _ in range(accum)])
+    float(result.loss)
+    seconds = time.perf_counter() - start
+    return steps * accum * parts.cfg.train.batch_size / seconds
+
+
+def run_bench(config: Path, overrides: list[str], steps: int, warmup: int, repeats: int,
+              in_memory: int) -> TrainBenchResult:
+    from largefr.config import load_config
+    from largefr.distributed import free_port, init_distributed, shutdown
+    from largefr.train.build import build_parts, build_train_loader, resolve_dataset, steps_per_epoch
+
+    cfg, manifest = resolve_dataset(load_config(config, overrides))
+    ctx = init_distributed(0, 1, f"tcp://127.0.0.1:{free_port()}")
+    try:
+        loader = build_train_loader(cfg, ctx, manifest)
+        parts = build_parts(cfg, ctx, steps_per_epoch(loader, cfg.train.grad_accum))
+        parts.ddp.train()
+        parts.head.train()
+        accum = cfg.train.grad_accum
+        source = endless(loader)
+        kept = [(x.clone(), y.clone()) for x, y in itertools.islice(source, in_memory * accum)]
+        real, memory = [], []
+        for _ in range(repeats):
+            real.append(timed_steps(parts, source, steps, warmup, accum))
+            memory.append(timed_steps(parts, itertools.cycle(kept), steps, warmup, accum))
+        source.close()
+    finally:
+        shutdown()
+    r, m = statistics.median(real), statistics.median(memory)
+    return TrainBenchResult(str(config), str(ctx.device), cfg.data.loader, cfg.data.num_workers, cfg.train.precision,
+                            cfg.train.batch_size, steps, repeats, round(r, 1), round(m, 1), round(r / m, 3))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, nargs="?", default=Path("configs/synthetic_cpu.yaml"),
+                        help="training recipe (default: the CPU demo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                        help="override a config field, e.g. --set data.path=/data/synth (repeatable)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating measurements; medians are reported")
+    parser.add_argument("--in-memory", type=int, default=16, help="distinct batches kept for the in-memory steps")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("steps", "repeats", "in_memory"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    result = run_bench(args.config, args.overrides, args.steps, args.warmup, args.repeats, args.in_memory)
+    print(json.dumps(asdict(result)) if args.json else _format(asdict(result)), flush=True)
+    return 0
+
+
+def _format(r: dict[str, Any]) -> str:
+    return (f"{r['config']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, {r['loader']} loader, "
+            f"{r['workers']} workers): {r['loader_images_per_s']:.1f} images/s with the loader, "
+            f"{r['memory_images_per_s']:.1f} from memory, ratio {r['loader_over_memory']:.3f} "
+            f"(loader cost {100 * (1 - r['loader_over_memory']):.1f}%)")
