@@ -34,6 +34,31 @@ def test_bench_head_json_has_both_ratios(capsys):
 
 
 @pytest.mark.slow
+def test_bench_head_runs_several_configs_in_one_spawn_with_the_planner_beside(capsys):
+    code = cli_main(["bench", "head", "--num-classes", "2000", "--embedding-size", "16", "--batch-size", "8",
+                     "--sample-rate", "0.25", "1", "--dtype", "fp32", "fp16", "--world-size", "1", "--steps", "1",
+                     "--warmup", "1", "--json"])
+    results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert code == 0 and [(r["sample_rate"], r["dtype"]) for r in results] == [
+        (0.25, "fp32"), (0.25, "fp16"), (1.0, "fp32"), (1.0, "fp16")]
+    for r in results:
+        assert r["device"] == "cpu" and r["step_ms"] > 0 and r["planned_mb"] > r["slice_plus_state_mb"]
+        assert "max_memory_allocated_mb" not in r  # an accelerator's allocator statistic only
+
+
+def test_a_config_the_planner_says_does_not_fit_is_skipped_with_the_numbers(monkeypatch):
+    from largefr.bench.head import HeadBenchConfig, _does_not_fit, planned_bytes
+
+    cfg = HeadBenchConfig(num_classes=32_000_000, embedding_size=512, batch_size=128, sample_rate=1.0, world_size=1)
+    assert planned_bytes(cfg) > 2 * 32_000_000 * 512 * 4  # W slice + momentum at least
+    monkeypatch.setattr(torch.accelerator, "get_memory_info", lambda device: (139 * 2**30, 141 * 2**30), raising=False)
+    reason = _does_not_fit(cfg, torch.device("cuda", 0))
+    assert reason.startswith("does not fit: the planner predicts 137.3 GiB for the head") and "139.0 GiB free on cuda:0" in reason
+    small = HeadBenchConfig(num_classes=1_000_000, embedding_size=512, batch_size=128, sample_rate=0.1, world_size=1)
+    assert _does_not_fit(small, torch.device("cuda", 0)) == "" and _does_not_fit(cfg, torch.device("cpu")) == ""
+
+
+@pytest.mark.slow
 def test_bench_head_runs_a_modern_margin_and_states_its_cost(capsys):
     code = cli_main(["bench", "head", "--margin", "curricularface", "--margin-param", "scale=32", "--num-classes", "400",
                      "--embedding-size", "16", "--batch-size", "8", "--world-size", "1", "--steps", "1", "--warmup", "1",
