@@ -233,7 +233,10 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
     if missing:
         raise KeyError(f"checkpoint {path} has no entries {missing}; it holds {top_level}")
     if restore_rng and _has_prefix(saved, _rank_key(_RNG_KEY, ctx)):
-        wanted[_RNG_KEY] = PerRank(_rng_state(ctx))
+        rng = _rng_state(ctx)
+        if not _has_prefix(saved, _rank_key(_RNG_KEY, ctx) + ".device"):
+            rng.pop("device", None)  # written on the CPU, resumed on an accelerator: no device RNG state saved
+        wanted[_RNG_KEY] = PerRank(rng)
     dest = _collect(wanted, ctx)
     with _quiet_sharded_tensor():
         dcp.load(dest, checkpoint_id=str(path), process_group=ctx.group)
