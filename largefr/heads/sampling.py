@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -25,10 +27,15 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> torch.Tensor:
-    """Rows [start, stop) of the global initial W ~ N(0, INIT_STD^2), identical for any sharding."""
+    """Rows [start, stop) of the global initial W ~ N(0, INIT_STD^2), identical for any sharding.
+
+    Blocks are drawn in parallel threads (each from its own stream; torch releases the GIL): one thread
+    draws ~0.1-0.2 G normal values per second, so a 32M x 512 slice would take minutes alone.
+    """
     out = torch.empty(stop - start, embedding_size, dtype=torch.float32)
     first_block, last_block = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS
-    for block in range(first_block, last_block + 1):
+
+    def fill(block: int) -> None:
         block_start = block * INIT_BLOCK_ROWS
         lo, hi = max(start, block_start), min(stop, block_start + INIT_BLOCK_ROWS)
         entropy = np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0]
@@ -36,6 +43,15 @@ def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> t
         # always the whole block: a stream's first values depend on how many are drawn at once
         rows = torch.empty(INIT_BLOCK_ROWS, embedding_size).normal_(0.0, INIT_STD, generator=gen)
         out[lo - start : hi - start] = rows[lo - block_start : hi - block_start]
+
+    blocks = range(first_block, last_block + 1)
+    threads = min(len(blocks), os.cpu_count() or 1, 32)
+    if threads <= 1:
+        for block in blocks:
+            fill(block)
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="init-w") as pool:
+            list(pool.map(fill, blocks))
     return out
 
 
