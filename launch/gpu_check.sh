@@ -6,12 +6,12 @@
 #     bash launch/gpu_check.sh [OUT_DIR]        # default gpu_check_out/; PYTHON=python3 unless set
 #
 # Parts (each under its own timeout; a failing part does not stop the others; at most ~7.5 minutes):
-#   tests        pytest -m cuda (tests/test_cuda_*.py)                                      150 s
-#   bench_head   largefr bench head on the GPU: C = 1M, 8M, 32M; r = 0.1, 1; bf16, fp16     110 s
+#   tests        pytest -m cuda (tests/test_cuda_*.py; 90 s per test at most)              170 s
+#   bench_head   largefr bench head on the GPU: C = 1M, 8M, 32M; r = 0.1, 1; bf16, fp16     100 s
 #   synth        the CPU demo's synthetic identities (800 x 12, 600 verification pairs)      30 s
 #   train_fp16   300 steps of the demo recipe on the GPU, batch 128, fp16 + loss scaler      60 s
 #   train_bf16   the same in bf16                                                            60 s
-#   loader_cost  largefr bench train: images/s with the torch loader vs from memory          40 s
+#   loader_cost  largefr bench train: images/s with the torch loader vs from memory          30 s
 # One summary line per part; everything measured goes to OUT_DIR/PART.json (logs: PART.log).
 # Without a CUDA GPU it refuses (exit 2) and runs nothing.
 set -uo pipefail
@@ -43,7 +43,7 @@ run_part() {
   local name="$1" kind="$2" limit="$3"
   shift 3
   local started=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$out/$name.log" 2>&1
   rc=$?
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
   "$py" launch/gpu_check_report.py "$name" "$kind" "$out" "$rc" "$(( SECONDS - started ))"
@@ -55,8 +55,9 @@ train_sets=(--set "data.path=$data" --set data.loader=torch --set data.num_worke
             --set train.eval_every=300 --set "train.eval_bins=[verification.bin]" --set checkpoint.every_steps=300
             --set logging.console=false)
 
-run_part tests junit 150 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" tests/test_cuda_*.py
-run_part bench_head jsonl 110 "$py" -m largefr bench head --num-classes 1000000 8000000 32000000 \
+run_part tests junit 170 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --timeout=90 --junitxml="$out/tests.xml" \
+  tests/test_cuda_*.py
+run_part bench_head jsonl 100 "$py" -m largefr bench head --num-classes 1000000 8000000 32000000 \
   --sample-rate 0.1 1 --dtype bf16 fp16 --world-size 1 --steps 10 --warmup 3 --json
 rm -rf "$data"
 run_part synth plain 30 "$py" -m largefr synth --out "$data" --identities 800 --per-identity 12 --holdout 100 \
@@ -66,7 +67,7 @@ for precision in fp16 bf16; do
   run_part "train_$precision" train 60 "$py" -m largefr train configs/synthetic_cpu.yaml --resume none \
     "${train_sets[@]}" --set "output_dir=$out/train_$precision" --set "train.precision=$precision"
 done
-run_part loader_cost jsonl 40 "$py" -m largefr bench train configs/synthetic_cpu.yaml --set "data.path=$data" \
+run_part loader_cost jsonl 30 "$py" -m largefr bench train configs/synthetic_cpu.yaml --set "data.path=$data" \
   --set data.loader=torch --set data.num_workers=6 --set train.batch_size=128 --set train.precision=bf16 \
   --set schedule.warmup_steps=1 --steps 40 --warmup 5 --repeats 2 --json
 
