@@ -1,6 +1,7 @@
 """A checkpoint moves between device types: the accelerator RNG state is saved only where there is one."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import largefr.train.checkpoint as checkpoint
@@ -22,5 +23,6 @@ def _save_then_load_with_a_device_rng(ctx, root: str) -> dict:
     return {"restored": all(torch.equal(saved[k], v) for k, v in model.state_dict().items())}
 
 
+@pytest.mark.slow
 def test_a_cpu_checkpoint_resumes_where_the_rng_state_has_a_device_entry(tmp_path):
     assert run_ranks(_save_then_load_with_a_device_rng, 1, str(tmp_path))[0]["restored"]

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "launch" / "gpu_check_report.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: the check would run")
 def test_gpu_check_refuses_clearly_without_a_cuda_gpu(tmp_path):
     out = tmp_path / "out"
