@@ -1,8 +1,13 @@
 """PartialFC on a GPU against the float64 CPU reference; no host sync in the step; row optimizers cuda == CPU.
 
-Tolerances (max abs error over max abs of the reference, and relative loss error): fp32 2e-4 and 1e-5
-(cuBLAS without TF32, as on CPU); fp16 autocast 2e-2 and 1e-2 (10-bit mantissa logits GEMM); bf16
-autocast 8e-2 and 4e-2 (7-bit mantissa). Max, sum of exp and the loss are fp32 in every case.
+Every margin (classic and modern; the modern ones' first step, EMA state at its initial value), sample
+rates 1, 0.5, 0. Tolerances: fp32 (cuBLAS without TF32, as on CPU): max abs gradient error 2e-4 of the
+reference's max abs, loss 1e-5 relative. Under autocast the logits GEMM is 16-bit, and margins with a
+hard-negative mask (CurricularFace, inter-class filtering) may flip a few mask entries, so the gradients
+are compared by relative Frobenius error: fp16 (10-bit mantissa) 2e-2, loss 1e-2; bf16 (7-bit) 5e-2, loss
+4e-2, as tests/test_modern_margins.py holds bf16 on the CPU, except CurricularFace in bf16: 0.3 (measured
+0.21 on the CPU's bf16: at bf16's resolution its mask cos > cos(theta_y + m) flips entries, each flip moving
+a logit between cos and cos (t + cos)). Max, sum of exp and the loss are fp32 always.
 """
 from __future__ import annotations
 
@@ -15,14 +20,15 @@ from cuda_support import CUDA_TESTS, run_gloo_ranks_on_one_gpu
 from largefr import PartialFC, margins
 from largefr.heads.sampling import init_weight_rows
 from multirank import run_ranks
-from reference import ALL_MARGINS, reference_loss_and_grads
+from reference import ALL_MARGINS, MODERN_MARGINS, initial_reference_state, reference_loss_and_grads
 
 pytestmark = CUDA_TESTS
 
 NUM_CLASSES, DIM, BATCH, SEED = 23, 16, 5, 7
+MARGINS = ALL_MARGINS + MODERN_MARGINS  # the first step of each (the modern ones' EMA state at its initial value)
 RATES = (1.0, 0.5, 0.0)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCE = {"fp32": (2e-4, 1e-5), "fp16": (2e-2, 1e-2), "bf16": (8e-2, 4e-2)}  # (grads, loss)
+TOLERANCE = {"fp32": (2e-4, 1e-5), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 4e-2)}  # (grads, loss)
 
 
 def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +41,7 @@ def _head_cases(ctx: Any, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
     x_all, labels_all = global_batch(ctx.world_size)
     rows = slice(ctx.rank * BATCH, (ctx.rank + 1) * BATCH)
     out = []
-    for margin_index, margin in enumerate(ALL_MARGINS):
+    for margin_index, margin in enumerate(MARGINS):
         for rate in RATES:
             for precision in precisions:
                 head = PartialFC(margin, DIM, NUM_CLASSES, rate, ctx.group, seed=SEED).to(ctx.device)
@@ -51,37 +57,47 @@ def _head_cases(ctx: Any, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
     return out
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float, context: str) -> None:
-    err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert err <= rel * scale + 1e-6, f"{context}: max abs error {err:.3e} vs scale {scale:.3e}"
+def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float, context: str, low_precision: bool) -> None:
+    if not expected.numel():
+        return
+    diff = actual.double() - expected
+    if low_precision:
+        err, scale = diff.norm().item(), expected.norm().item()
+    else:
+        err, scale = diff.abs().max().item(), expected.abs().max().item()
+    assert err <= rel * scale + 1e-6, f"{context}: error {err:.3e} vs scale {scale:.3e}"
 
 
 def check_against_reference(per_rank: list[list[dict[str, Any]]], world_size: int) -> None:
     x_all, labels_all = global_batch(world_size)
-    full_w = init_weight_rows(0, NUM_CLASSES, DIM, SEED)
     for i in range(len(per_rank[0])):
         cases = [rank_cases[i] for rank_cases in per_rank]
         first = cases[0]
-        margin = ALL_MARGINS[first["margin"]]
+        margin = MARGINS[first["margin"]]
         grad_tol, loss_tol = TOLERANCE[first["precision"]]
+        if first["precision"] == "bf16" and isinstance(margin, margins.CurricularFace):
+            grad_tol = 0.3
         context = f"world={world_size} {margin} r={first['rate']} {first['precision']}"
         assert first["device"].startswith("cuda"), context
         ids = torch.cat([c["ids"] for c in cases])
         assert torch.equal(ids, torch.unique(ids)) and torch.isin(labels_all, ids).all(), context
-        loss, x_grad, w_grad = reference_loss_and_grads(margin, x_all, full_w[ids], torch.searchsorted(ids, labels_all))
+        sub = margin.num_sub_centers
+        w_rows = init_weight_rows(0, NUM_CLASSES * sub, DIM, SEED)[(ids[:, None] * sub + torch.arange(sub)).reshape(-1)]
+        loss, x_grad, w_grad = reference_loss_and_grads(margin, x_all, w_rows, torch.searchsorted(ids, labels_all), 0,
+                                                        initial_reference_state(margin), SEED)
         offset = 0
         for rank, c in enumerate(cases):
             assert abs(c["loss"] - loss) <= loss_tol * max(1.0, abs(loss)), f"{context} rank {rank}: {c['loss']} vs {loss}"
-            _close(c["x_grad"], x_grad[rank * BATCH : (rank + 1) * BATCH], grad_tol, f"{context} x grad")
-            n = c["ids"].numel()
-            _close(c["w_grad"], w_grad[offset : offset + n], grad_tol, f"{context} W grad")
+            low = first["precision"] != "fp32"
+            _close(c["x_grad"], x_grad[rank * BATCH : (rank + 1) * BATCH], grad_tol, f"{context} x grad", low)
+            n = c["ids"].numel() * sub
+            _close(c["w_grad"], w_grad[offset : offset + n], grad_tol, f"{context} W grad", low)
             offset += n
 
 
 def test_nccl_world_1_equals_the_float64_reference_for_every_margin_rate_and_precision() -> None:
     per_rank = run_ranks(_head_cases, 1, tuple(PRECISIONS))
-    assert len(per_rank[0]) == len(ALL_MARGINS) * len(RATES) * len(PRECISIONS)
+    assert len(per_rank[0]) == len(MARGINS) * len(RATES) * len(PRECISIONS)
     check_against_reference(per_rank, 1)
 
 
