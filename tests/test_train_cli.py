@@ -15,9 +15,9 @@ import yaml
 from largefr.cli import main
 from largefr.config import load_config
 from largefr.distributed import free_port
-from largefr.backbone_file import load_backbone_from_checkpoint
+from largefr.backbone_file import load_backbone_from_checkpoint, read_meta_json
 from largefr.train.build import seeded_backbone
-from largefr.train.checkpoint import completed_checkpoints, read_meta
+from largefr.train.checkpoint import completed_checkpoints
 from test_train_resume import assert_identical, flat_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_two_rank_cli_run_single_node_and_two_nodes_agree(dataset, tmp_path):
     kept = completed_checkpoints(single / "checkpoints")
     assert [step for step, _ in kept] == [4, 6]  # keep_last=2
     final = kept[-1][1]
-    assert read_meta(final)["world_size"] == 2 and (final / "config.yaml").is_file()
+    assert read_meta_json(final)["world_size"] == 2 and (final / "config.yaml").is_file()
     load_backbone_from_checkpoint(final)  # what `largefr eval` reads
 
     nodes = tmp_path / "nodes"

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from largefr.distributed import DistContext
+from largefr.distributed import DistContext, barrier
 from largefr.distributed.spawn import run_local_ranks
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -100,7 +100,7 @@ class _RowTraffic:
 
 
 def _timed(fn: Any, group: Any) -> float:
-    torch.distributed.barrier(group)
+    barrier(group)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

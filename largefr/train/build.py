@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largefr.backbone_file import CheckpointMeta
 from largefr.config import Config, ConfigError, OptimizerConfig, resolve_dataset_sizes
 from largefr.data.loader import FaceLoader, build_loader
 from largefr.data.manifest import Manifest, read_manifest
@@ -80,6 +81,11 @@ def seeded_backbone(cfg: Config) -> nn.Module:
     if size != cfg.data.image_size:
         raise ConfigError("data.image_size", f"got {cfg.data.image_size}, but {cfg.model.name} takes {size}x{size}")
     return model
+
+
+def exported_backbone_meta(cfg: Config) -> CheckpointMeta:
+    """What ``meta.json`` records to rebuild this run's backbone (checkpoints and ``--export-init``)."""
+    return CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
 
 
 def build_backbone_optimizer(model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -59,12 +59,10 @@ def _check_inputs(cfg: Config) -> None:
 
 
 def export_init(cfg: Config, out_dir: Path) -> Path:
-    from largefr.backbone_file import CheckpointMeta, save_backbone_checkpoint
-    from largefr.train.build import seeded_backbone
+    from largefr.backbone_file import save_backbone_checkpoint
+    from largefr.train.build import exported_backbone_meta, seeded_backbone
 
-    model = seeded_backbone(cfg)
-    meta = CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
-    return save_backbone_checkpoint(out_dir, model, meta)
+    return save_backbone_checkpoint(out_dir, seeded_backbone(cfg), exported_backbone_meta(cfg))
 
 
 def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
