@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from largefr.data.labels import LABEL_PAD, parse_label, parse_label_rows
-from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error
+from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader
@@ -187,6 +187,7 @@ class DecodeProbe:
         return ""
 
 
+@register_loader
 class DaliLoader(FaceLoader):
     """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DALI worker threads."""
 

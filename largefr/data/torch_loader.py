@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largefr.data.labels import parse_label
 from largefr.data.loader import (Batch, BufferPool, FaceLoader, LoaderConfig,
-                                  out_of_samples_error)
+                                  out_of_samples_error, register_loader)
 from largefr.data.manifest import Manifest
 from largefr.models.input import normalize_images
 from largefr.data.epoch_order import EpochPlan
@@ -95,6 +95,7 @@ def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: b
     )
 
 
+@register_loader
 class TorchLoader(FaceLoader):
     """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DataLoader workers."""
 

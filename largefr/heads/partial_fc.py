@@ -32,6 +32,7 @@ from largefr.heads.margin_runtime import (
     state_buffers,
 )
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
+from largefr.heads.row_optim import build_row_optimizer
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.workspace import Lease, Workspace
@@ -203,8 +204,6 @@ class PartialFC(nn.Module):
 
     def optimizer(self, name: str, **hyper: Any) -> "torch.optim.Optimizer":
         """Row-sparse optimizer for W: ``"sgd"`` (lr, momentum, weight_decay, nesterov) or ``"adamw"``."""
-        from largefr.heads.row_optim import build_row_optimizer
-
         return build_row_optimizer(self, name, **hyper)
 
     def load_margin_state(self, state: dict[str, torch.Tensor]) -> None:

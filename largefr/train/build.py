@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from largefr.backbone_file import CheckpointMeta
 from largefr.config import Config, ConfigError, OptimizerConfig, resolve_dataset_sizes
-from largefr.data.loader import FaceLoader, build_loader
+from largefr.data.loader import FaceLoader
+from largefr.data.loader_factory import build_loader
 from largefr.data.manifest import Manifest, read_manifest
 from largefr.distributed import DistContext, wrap_ddp_sum
 from largefr.heads import PartialFC
