@@ -32,6 +32,7 @@ from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader
+from largefr.seeding import derive_seed
 
 log = logging.getLogger("largefr.data")
 
@@ -200,7 +201,7 @@ class DaliLoader(FaceLoader):
         self._probe = DecodeProbe(self.device_id)
 
     def _pipeline_seed(self, plan: EpochPlan, rebuilds: int) -> int:
-        return int(np.random.SeedSequence([self.config.seed, plan.epoch, plan.rank, rebuilds]).generate_state(1)[0] >> 1)
+        return derive_seed(self.config.seed, "dali_pipeline", plan.epoch, plan.rank, rebuilds)
 
     def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
         c = self.config

@@ -28,6 +28,7 @@ from largefr.heads.margins import build_margin
 from largefr.models import build_backbone
 from largefr.train.amp import Precision
 from largefr.train.schedule import ScheduledLR, schedule_from_config
+from largefr.seeding import derive_seed
 
 
 @dataclass
@@ -73,7 +74,7 @@ def backbone_kwargs(cfg: Config) -> dict[str, Any]:
 
 def seeded_backbone(cfg: Config) -> nn.Module:
     """The initial backbone of a run: a function of the config only (same on every rank)."""
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derive_seed(cfg.train.seed, "backbone_init"))
     try:
         model = build_backbone(cfg.model.name, cfg.head.embedding_size, **backbone_kwargs(cfg))
     except (ValueError, TypeError) as exc:
@@ -120,7 +121,7 @@ def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
 
 def seed_rank_streams(seed: int, rank: int) -> None:
     """Per-rank torch/numpy/python RNG streams for training (dropout etc.), after the shared init."""
-    value = seed * 1000 + 1 + rank
+    value = derive_seed(seed, "rank_streams", rank)
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
