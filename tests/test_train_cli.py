@@ -79,6 +79,25 @@ def test_print_config_applies_overrides(capsys):
     assert loaded["model"]["name"] == "iresnet18"  # from the recipe
 
 
+def test_help_config_lists_fields_and_print_config_carries_the_help(capsys):
+    code, out, _ = cli(capsys, "--help-config")
+    assert code == 0 and "head.chunk_rows: int | None = null\n" in out and "data.prefetch: int = 2\n" in out
+    code, out, _ = cli(capsys, CONFIG, "--print-config")
+    assert code == 0 and "  sample_rate: 0.5  # Partial FC: fraction of each rank's classes" in out
+    code, _, err = cli(capsys)
+    assert code == 2 and "a recipe YAML is needed" in err
+
+
+def test_loader_options_come_from_the_data_section(dataset):
+    from largefr.distributed import DistContext
+    from largefr.train.build import build_train_loader, resolve_dataset
+
+    cfg, manifest = resolve_dataset(load_config(CONFIG, [f"data.path={dataset}", "data.num_workers=0",
+                                                         "data.prefetch=3", "data.random_flip=false"]))
+    loader = build_train_loader(cfg, DistContext(0, 1, 0, "gloo", torch.device("cpu"), None), manifest)  # type: ignore[arg-type]
+    assert (loader.config.num_threads, loader.config.prefetch, loader.config.flip) == (0, 3, False)
+
+
 def test_export_init_is_the_training_init(capsys, tmp_path):
     sets = ["model.kwargs={base_width: 4}", "head.embedding_size=16"]
     code, out, _ = cli(capsys, CONFIG, "--export-init", tmp_path / "init", *[a for s in sets for a in ("--set", s)])

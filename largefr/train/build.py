@@ -90,18 +90,15 @@ def exported_backbone_meta(cfg: Config) -> CheckpointMeta:
     return CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
 
 
+BACKBONE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
 def build_backbone_optimizer(model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if ocfg.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
-    return torch.optim.AdamW(
-        model.parameters(), lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay
-    )
+    return BACKBONE_OPTIMIZERS[ocfg.name](model.parameters(), **ocfg.arguments())
 
 
 def build_head_optimizer(head: PartialFC, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if ocfg.name == "sgd":
-        return head.optimizer("sgd", lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
-    return head.optimizer("adamw", lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    return head.optimizer(ocfg.name, **ocfg.arguments())
 
 
 def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
@@ -114,7 +111,7 @@ def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
     # validate=False: labels come from the loader (checked there); no host sync in the step
     head = PartialFC(
         margin, cfg.head.embedding_size, cfg.head.num_classes, cfg.head.sample_rate,
-        process_group=ctx.group, seed=cfg.train.seed, validate=False,
+        process_group=ctx.group, seed=cfg.train.seed, chunk_rows=cfg.head.chunk_rows, validate=False,
     )
     return head.to(ctx.device)
 
@@ -148,7 +145,7 @@ def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> Fac
     return build_loader(
         manifest, batch_size=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         seed=cfg.train.seed, device=ctx.device, kind=cfg.data.loader, num_threads=cfg.data.num_workers,
-        flip=cfg.data.random_flip,
+        prefetch=cfg.data.prefetch, shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.random_flip,
     )
 
 
