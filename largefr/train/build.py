@@ -1,7 +1,8 @@
 """Build a training run's parts from a resolved :class:`Config` and a :class:`DistContext`.
 
-Backbone: seeded by ``train.seed`` (identical on every rank and in ``largefr train --export-init``),
-moved to the context's device and wrapped in DDP with a SUM all-reduce (see largefr.distributed.ddp).
+Backbone: seeded by ``derive_seed(train.seed, "backbone_init")`` (identical on every rank and in
+``largefr train --export-init``), moved to the context's device and wrapped in DDP with a SUM
+all-reduce (see largefr.distributed.ddp).
 Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer. Both optimizers
 follow one LR schedule by optimizer step.
 """
@@ -26,9 +27,9 @@ from largefr.distributed import DistContext, wrap_ddp_sum
 from largefr.heads import PartialFC
 from largefr.heads.margins import build_margin
 from largefr.models import build_backbone
+from largefr.seeding import derive_seed
 from largefr.train.amp import Precision
 from largefr.train.schedule import ScheduledLR, schedule_from_config
-from largefr.seeding import derive_seed
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from largefr.data.loader import FaceLoader
 from largefr.backbone_file import read_meta_json
+from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers, broadcast_object
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
