@@ -1,9 +1,11 @@
-"""Load a trained backbone from a checkpoint directory.
+"""The exported backbone: ``DIR/backbone.pt`` + ``DIR/meta.json``, the one reader and writer of that format.
 
-Contract with the trainer: ``CKPT/backbone.pt`` holds the backbone's plain ``state_dict`` and
-``CKPT/meta.json`` holds at least ``{"backbone": name, "embedding_size": int, "image_size": int}``
-(optionally ``"backbone_kwargs": {...}`` passed on to the factory). The backbone is rebuilt with
-``largefr.models.build_backbone``.
+``backbone.pt`` holds the backbone's plain ``state_dict`` (wrapper prefixes such as DDP's ``module.``
+removed on write and on read); ``meta.json`` holds at least ``{"backbone": name, "embedding_size": int,
+"image_size": int}`` (optionally ``"backbone_kwargs": {...}`` passed on to the factory), and may hold other
+fields of the writer (a training checkpoint adds its step, world size, ...). The backbone is rebuilt with
+``largefr.models.build_backbone``. Written by ``largefr train`` (every checkpoint) and ``--export-init``;
+read by ``largefr eval`` / ``export`` and by resume.
 """
 from __future__ import annotations
 
@@ -11,16 +13,21 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_REQUIRED = ("backbone", "embedding_size", "image_size")
+WEIGHTS_FILE = "backbone.pt"
+META_FILE = "meta.json"
 
 
 @dataclass(frozen=True)
 class CheckpointMeta:
+    """What rebuilds the backbone of an exported directory (the backbone fields of ``meta.json``)."""
+
     backbone: str
     embedding_size: int
     image_size: int
@@ -36,26 +43,71 @@ class CheckpointMeta:
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"meta.json 'backbone_kwargs' must be an object, got {self.backbone_kwargs!r}")
 
+    def json_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {key: getattr(self, key) for key in _REQUIRED}
+        if self.backbone_kwargs:
+            fields["backbone_kwargs"] = dict(self.backbone_kwargs)
+        return fields
 
-def read_checkpoint_meta(ckpt_dir: str | os.PathLike[str]) -> CheckpointMeta:
-    path = Path(ckpt_dir) / "meta.json"
+
+def read_meta_json(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every field of ``DIR/meta.json`` (backbone fields and whatever else its writer recorded)."""
+    path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint meta not found: {path} (expected a checkpoint directory)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    missing = [k for k in ("backbone", "embedding_size", "image_size") if not isinstance(raw, dict) or k not in raw]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike[str]) -> CheckpointMeta:
+    raw = read_meta_json(ckpt_dir)
+    missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}; expected backbone, embedding_size, image_size")
+        raise ValueError(f"{Path(ckpt_dir) / META_FILE}: missing keys {missing}; expected {', '.join(_REQUIRED)}")
     return CheckpointMeta(raw["backbone"], raw["embedding_size"], raw["image_size"], raw.get("backbone_kwargs", {}))
 
 
-def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def write_meta_json(out_dir: str | os.PathLike[str], fields: Mapping[str, Any]) -> Path:
+    path = Path(out_dir) / META_FILE
+    path.write_text(json.dumps(dict(fields), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def strip_wrapper_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state_dict without a prefix every key shares from a DDP or torch.compile wrapper."""
+    plain = dict(state)
     for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+        if plain and all(k.startswith(prefix) for k in plain):
+            plain = {k[len(prefix) :]: v for k, v in plain.items()}
+    return plain
+
+
+def write_backbone(
+    out_dir: str | os.PathLike[str],
+    state: Mapping[str, torch.Tensor],
+    meta: CheckpointMeta,
+    extra_fields: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` as ``backbone.pt`` and ``meta`` (plus ``extra_fields``) as ``meta.json`` into ``out_dir``."""
+    extra = dict(extra_fields or {})
+    clash = sorted(set(extra) & {*_REQUIRED, "backbone_kwargs"})
+    if clash:
+        raise ValueError(f"extra meta.json fields {clash} would overwrite the backbone's own fields")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in strip_wrapper_prefix(state).items()}, out / WEIGHTS_FILE)
+    write_meta_json(out, {**extra, **meta.json_fields()})
+    return out
+
+
+def save_backbone_checkpoint(ckpt_dir: str | os.PathLike[str], model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write ``model`` (a plain backbone or its DDP wrapper) in the format :func:`load_backbone_from_checkpoint` reads."""
+    return write_backbone(ckpt_dir, model.state_dict(), meta)
 
 
 def load_backbone_from_checkpoint(ckpt_dir: str | os.PathLike[str], device: torch.device | str = "cpu") -> nn.Module:
@@ -63,7 +115,7 @@ def load_backbone_from_checkpoint(ckpt_dir: str | os.PathLike[str], device: torc
     from largefr.models import build_backbone
 
     meta = read_checkpoint_meta(ckpt_dir)
-    weights = Path(ckpt_dir) / "backbone.pt"
+    weights = Path(ckpt_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"backbone weights not found: {weights}")
     state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -74,7 +126,7 @@ def load_backbone_from_checkpoint(ckpt_dir: str | os.PathLike[str], device: torc
     if model_size != meta.image_size:
         raise ValueError(f"{ckpt_dir}: meta.json image_size={meta.image_size} but {meta.backbone} takes {model_size}")
     try:
-        result = model.load_state_dict(_strip_wrapper_prefix(state), strict=False)
+        result = model.load_state_dict(strip_wrapper_prefix(state), strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise ValueError(f"{weights} does not fit backbone {meta.backbone!r}: {exc}") from None
     if result.missing_keys or result.unexpected_keys:
@@ -84,17 +136,3 @@ def load_backbone_from_checkpoint(ckpt_dir: str | os.PathLike[str], device: torc
             f"unexpected keys {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all)"
         )
     return model.to(device).eval()
-
-
-def save_backbone_checkpoint(
-    ckpt_dir: str | os.PathLike[str], model: nn.Module, meta: CheckpointMeta
-) -> Path:
-    """Write ``backbone.pt`` and ``meta.json`` in the format :func:`load_backbone_from_checkpoint` reads."""
-    out = Path(ckpt_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "backbone.pt")
-    payload = {"backbone": meta.backbone, "embedding_size": meta.embedding_size, "image_size": meta.image_size}
-    if meta.backbone_kwargs:
-        payload["backbone_kwargs"] = meta.backbone_kwargs
-    (out / "meta.json").write_text(json.dumps(payload, indent=2) + "\n")
-    return out

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from largefr.heads import margins as M
+from largefr.seeding import derive_seed
 
 
 def _psi(theta: torch.Tensor, m: int) -> torch.Tensor:
@@ -24,9 +24,8 @@ def _arc(c: torch.Tensor, m: torch.Tensor | float) -> torch.Tensor:
 
 
 def elastic_draws(seed: int, step: int, n: int) -> torch.Tensor:
-    """ElasticFace's per-sample normals as the head documents them: stream SeedSequence([seed, 0xE1A5, step])."""
-    entropy = np.random.SeedSequence([seed, 0xE1A5, step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.randn(n, generator=torch.Generator().manual_seed(int(entropy) & ((1 << 63) - 1))).double()
+    """ElasticFace's per-sample normals as the head documents them: the stream derive_seed(seed, "elastic_margin", step)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(derive_seed(seed, "elastic_margin", step))).double()
 
 
 def initial_reference_state(margin: M.Margin) -> dict[str, float]:

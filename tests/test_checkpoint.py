@@ -9,18 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from largefr.backbone_file import CheckpointMeta, load_backbone_from_checkpoint, read_meta_json
 from largefr.models import build_backbone
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
     RowShard,
     RowShardedState,
-    backbone_meta,
     completed_checkpoints,
     latest_checkpoint,
     load_checkpoint,
-    load_exported_backbone,
-    read_meta,
     save_checkpoint,
 )
 from largefr.train.schedule import LRSchedule, ScheduledLR
@@ -119,11 +117,11 @@ def draw_rng() -> tuple:
 
 
 def two_ranks_save_load_keep_last_crash_reshard(ctx, root: str) -> None:
-    meta = backbone_meta("iresnet18", DIM, base_width=4)
+    meta = CheckpointMeta("iresnet18", DIM, 112, {"base_width": 4})
     for step, salt in ((10, 4), (20, 5), (30, 6)):
         state = make_state(ctx, salt=salt, trained=True)
         extra = {"config.yaml": f"step: {step}\n".encode()}
-        path = save_checkpoint(root, step, state, ctx, keep_last=2, extra_files=extra, meta=meta)
+        path = save_checkpoint(root, step, state, ctx, keep_last=2, extra_files=extra, backbone_meta=meta)
     after_save = draw_rng()
     assert [s for s, _ in completed_checkpoints(root)] == [20, 30]
     if ctx.is_main:  # a crash in the middle of saving step 40 leaves only a .tmp directory
@@ -139,8 +137,8 @@ def two_ranks_save_load_keep_last_crash_reshard(ctx, root: str) -> None:
     assert loaded["loader"] == {"offset": 600 + ctx.rank} and loaded["data"] == {"epoch": 6, "batch_in_epoch": 17}
     assert fresh["scheduler"].get_last_lr() == state["scheduler"].get_last_lr()
     assert (path / "config.yaml").read_bytes() == b"step: 30\n"
-    assert read_meta(path)["step"] == 30 and read_meta(path)["world_size"] == 2
-    torch.testing.assert_close(load_exported_backbone(path).state_dict(), state["backbone"].state_dict(),
+    assert read_meta_json(path)["step"] == 30 and read_meta_json(path)["world_size"] == 2
+    torch.testing.assert_close(load_backbone_from_checkpoint(path).state_dict(), state["backbone"].state_dict(),
                                rtol=0, atol=0)
 
     # same world, another row layout (rank 0: 2 rows, rank 1: 5): every rank reads across saved shards

@@ -10,9 +10,9 @@ from largefr.config import (
     ScheduleConfig,
     config_from_dict,
     load_config,
-    parse_scalar,
     resolve_dataset_sizes,
 )
+from largefr.config_schema import parse_scalar
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -175,3 +175,56 @@ def test_resolve_dataset_sizes():
     ms1m = load_config(CONFIGS / "ms1mv3_r50.yaml")
     with pytest.raises(ConfigError, match="head.num_classes: got 93431, but the dataset manifest says 100"):
         resolve_dataset_sizes(ms1m, num_classes=100, num_images=5179510)
+
+
+def test_every_field_has_help_and_help_config_lists_it():
+    from largefr.config_schema import field_docs, help_text
+
+    docs = field_docs(Config)
+    assert [d.path for d in docs if not d.help.strip()] == []
+    text = help_text(Config)
+    for doc in docs:
+        assert f"{doc.path}: " in text
+    assert "head.chunk_rows: int | None = null\n    logits rows held at once" in text
+    assert "data.shuffle_buffer: int = 0\n" in text and "train.seed: int = 2048\n" in text
+
+
+def test_commented_yaml_loads_back_to_the_same_config():
+    cfg = load_config(CONFIGS / "synthetic_cpu.yaml", ["train.eval_bins=['a #b.bin', c.bin]", "model.kwargs={x: 'y: z'}"])
+    text = cfg.to_commented_yaml()
+    assert "  chunk_rows: null  # logits rows held at once" in text
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_component_options_are_config_fields():
+    cfg = load_config(CONFIGS / "synthetic_cpu.yaml", ["head.chunk_rows=3", "data.prefetch=4"])
+    assert cfg.head.chunk_rows == 3 and cfg.data.prefetch == 4
+    with pytest.raises(ConfigError, match=r"head.chunk_rows: got 0, expected a finite value > 0"):
+        load_config(CONFIGS / "synthetic_cpu.yaml", ["head.chunk_rows=0"])
+    with pytest.raises(ConfigError, match=r"head.chunk_rows: got 2.5 \(float\), expected int or null"):
+        load_config(CONFIGS / "synthetic_cpu.yaml", ["head.chunk_rows=2.5"])
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer: got 64 with loader='torch', expected 0"):
+        load_config(CONFIGS / "synthetic_cpu.yaml", ["data.shuffle_buffer=64"])
+    assert load_config(CONFIGS / "synthetic_cpu.yaml", ["data.loader=dali", "data.shuffle_buffer=64"]).data.shuffle_buffer == 64
+
+
+def test_optimizer_arguments_follow_the_choice():
+    sgd = OptimizerConfig(name="sgd", lr=0.2, momentum=0.8, weight_decay=1e-4)
+    assert sgd.arguments() == {"lr": 0.2, "weight_decay": 1e-4, "momentum": 0.8}
+    adamw = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.05, betas=(0.8, 0.99), eps=1e-6)
+    assert adamw.arguments() == {"lr": 1e-3, "weight_decay": 0.05, "betas": (0.8, 0.99), "eps": 1e-6}
+
+
+def test_the_head_and_its_optimizer_are_built_from_their_sections():
+    import torch
+
+    from largefr.distributed import DistContext
+    from largefr.heads.row_optim import RowSparseAdamW
+    from largefr.train.build import build_head, build_head_optimizer
+
+    cfg = config_from_dict({"head": {"num_classes": 6, "embedding_size": 4, "chunk_rows": 3},
+                            "optim": {"head": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1}}})
+    head = build_head(cfg, DistContext(0, 1, 0, "gloo", torch.device("cpu"), None))  # type: ignore[arg-type]
+    opt = build_head_optimizer(head, cfg.optim.head)
+    assert head.chunk_rows == 3 and isinstance(opt, RowSparseAdamW)
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["weight_decay"] == 0.1

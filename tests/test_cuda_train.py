@@ -192,7 +192,7 @@ def test_onnx_export_of_a_cuda_trained_backbone_matches_onnxruntime(tmp_path: Pa
 
 def test_dali_mixed_decoding_gives_the_cpu_pipelines_batches(tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed (DALI's mixed nvJPEG path needs it)")
-    from largefr.data.loader import build_loader
+    from largefr.data.loader_factory import build_loader
     from test_data_loader import decode_samples, label_of, make_dataset
 
     make_dataset(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from largefr.cli import main as cli_main
-from largefr.data.loader import dali_available
+from largefr.data.loader_factory import dali_available
 from largefr.data.synth import SynthSpec
 from largefr.data.synth_dataset import write_synthetic_dataset
 

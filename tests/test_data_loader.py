@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from largefr.data.loader import build_loader, dali_available
+from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardFileError, ShardInfo, write_manifest
 from largefr.data.shards import ShardWriter, shard_names
 from multirank import run_ranks

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from largefr.data.labels import parse_label, parse_label_rows
-from largefr.data.loader import build_loader, dali_available
+from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.shards import ShardWriter, shard_names

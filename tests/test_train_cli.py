@@ -15,9 +15,9 @@ import yaml
 from largefr.cli import main
 from largefr.config import load_config
 from largefr.distributed import free_port
-from largefr.backbone_file import load_backbone_from_checkpoint
+from largefr.backbone_file import load_backbone_from_checkpoint, read_meta_json
 from largefr.train.build import seeded_backbone
-from largefr.train.checkpoint import completed_checkpoints, read_meta
+from largefr.train.checkpoint import completed_checkpoints
 from test_train_resume import assert_identical, flat_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,25 @@ def test_print_config_applies_overrides(capsys):
     assert loaded["model"]["name"] == "iresnet18"  # from the recipe
 
 
+def test_help_config_lists_fields_and_print_config_carries_the_help(capsys):
+    code, out, _ = cli(capsys, "--help-config")
+    assert code == 0 and "head.chunk_rows: int | None = null\n" in out and "data.prefetch: int = 2\n" in out
+    code, out, _ = cli(capsys, CONFIG, "--print-config")
+    assert code == 0 and "  sample_rate: 0.5  # Partial FC: fraction of each rank's classes" in out
+    code, _, err = cli(capsys)
+    assert code == 2 and "a recipe YAML is needed" in err
+
+
+def test_loader_options_come_from_the_data_section(dataset):
+    from largefr.distributed import DistContext
+    from largefr.train.build import build_train_loader, resolve_dataset
+
+    cfg, manifest = resolve_dataset(load_config(CONFIG, [f"data.path={dataset}", "data.num_workers=0",
+                                                         "data.prefetch=3", "data.random_flip=false"]))
+    loader = build_train_loader(cfg, DistContext(0, 1, 0, "gloo", torch.device("cpu"), None), manifest)  # type: ignore[arg-type]
+    assert (loader.config.num_threads, loader.config.prefetch, loader.config.flip) == (0, 3, False)
+
+
 def test_export_init_is_the_training_init(capsys, tmp_path):
     sets = ["model.kwargs={base_width: 4}", "head.embedding_size=16"]
     code, out, _ = cli(capsys, CONFIG, "--export-init", tmp_path / "init", *[a for s in sets for a in ("--set", s)])
@@ -120,7 +139,7 @@ def test_two_rank_cli_run_single_node_and_two_nodes_agree(dataset, tmp_path):
     kept = completed_checkpoints(single / "checkpoints")
     assert [step for step, _ in kept] == [4, 6]  # keep_last=2
     final = kept[-1][1]
-    assert read_meta(final)["world_size"] == 2 and (final / "config.yaml").is_file()
+    assert read_meta_json(final)["world_size"] == 2 and (final / "config.yaml").is_file()
     load_backbone_from_checkpoint(final)  # what `largefr eval` reads
 
     nodes = tmp_path / "nodes"

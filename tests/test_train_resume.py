@@ -16,7 +16,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from largefr.config import load_config
-from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, read_meta
+from largefr.backbone_file import read_meta_json
+from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint
 from largefr.train.run import train
 from multirank import run_ranks
 
@@ -81,7 +82,7 @@ def runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     whole, split = root / "whole", root / "split"
     run_ranks(train_runs, 2, [(overrides(dataset, whole), None), (overrides(dataset, split), N_STEPS)])
     stopped = latest_checkpoint(split / "checkpoints")
-    assert stopped is not None and read_meta(stopped)["step"] == N_STEPS
+    assert stopped is not None and read_meta_json(stopped)["step"] == N_STEPS
     run_ranks(train_runs, 2, [(overrides(dataset, split), None)])  # resumes from the newest checkpoint
     return whole, split
 
@@ -90,7 +91,7 @@ def runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 def test_resume_continues_exactly(runs: tuple[Path, Path], tmp_path: Path):
     whole, split = runs
     a, b = latest_checkpoint(whole / "checkpoints"), latest_checkpoint(split / "checkpoints")
-    assert read_meta(a)["step"] == read_meta(b)["step"] == TOTAL_STEPS
+    assert read_meta_json(a)["step"] == read_meta_json(b)["step"] == TOTAL_STEPS
     flat_a, flat_b = flat_checkpoint(a, tmp_path), flat_checkpoint(b, tmp_path)
     assert flat_a["progress"] == {"step": TOTAL_STEPS, "epoch": 1, "head_training_forwards": TOTAL_STEPS}
     assert_identical(flat_a, flat_b)
@@ -113,7 +114,7 @@ def test_single_process_cli_resumes_a_two_rank_checkpoint(runs: tuple[Path, Path
     resumed = 2 * N_STEPS
     assert main(["train", str(config), *sets, "--resume", str(start), "--max-steps", str(resumed + 1)]) == 0
     final = latest_checkpoint(tmp_path / "one" / "checkpoints")
-    assert read_meta(final)["step"] == resumed + 1 == TOTAL_STEPS and read_meta(final)["world_size"] == 1
+    assert read_meta_json(final)["step"] == resumed + 1 == TOTAL_STEPS and read_meta_json(final)["world_size"] == 1
     flat = flat_checkpoint(final, tmp_path)
     assert flat["head"]["weight"].shape[0] == 8  # every class on the one rank
     assert flat["loader"]["rank0"]["step"] == resumed + 1 and flat["progress"]["epoch"] == 0

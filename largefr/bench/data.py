@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from largefr.data.loader import FaceLoader, build_loader
+from largefr.data.loader import FaceLoader
+from largefr.data.loader_factory import build_loader
 from largefr.data.manifest import Manifest, read_manifest
 from largefr.data.epoch_order import EpochPlan
 

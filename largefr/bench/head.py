@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from largefr.distributed import DistContext
+from largefr.distributed import DistContext, barrier
 from largefr.distributed.spawn import run_local_ranks
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,7 +116,7 @@ def _sync(device: torch.device) -> None:
 def _timed(fn: Any, group: Any, device: torch.device) -> float:
     """Wall time of ``fn()`` with all ranks starting together and the device idle at both ends."""
     _sync(device)
-    torch.distributed.barrier(group)
+    barrier(group)
     start = time.perf_counter()
     fn()
     _sync(device)

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_loader": "largefr.data.loader",
+    "build_loader": "largefr.data.loader_factory",
     "FaceLoader": "largefr.data.loader",
     "LoaderState": "largefr.data.loader",
     "Manifest": "largefr.data.manifest",

@@ -22,6 +22,7 @@ from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, fi
 from largefr.data.manifest import Manifest
 from largefr.data.recordio import RecordIOReader, face_rec_layout, read_record, record_class_id, unpack_record
 from largefr.data.shards import jpeg_size
+from largefr.seeding import derive_seed
 
 log = logging.getLogger("largefr.data")
 
@@ -85,7 +86,7 @@ def _tasks(out: Path, params: dict, items: list, sizes: list[int], shard_bytes: 
     """Record the parameters, then cut the (shuffled) items into shard tasks."""
     plan_bytes = check_params(out, params, shard_bytes_for(sizes, shard_bytes, workers))
     n = len(items)
-    order = np.random.default_rng([params["seed"], 7]).permutation(n) if params["shuffle"] else np.arange(n)
+    order = np.random.default_rng(derive_seed(params["seed"], "convert_shuffle")).permutation(n) if params["shuffle"] else np.arange(n)
     items = [items[i] for i in order.tolist()]
     sizes = [sizes[i] for i in order.tolist()]
     return [ShardTask(k, items[g.start : g.stop], len(g)) for k, g in enumerate(plan_by_bytes(sizes, plan_bytes))]

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from largefr.data.labels import LABEL_PAD, parse_label, parse_label_rows
-from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error
+from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader
+from largefr.seeding import derive_seed
 
 log = logging.getLogger("largefr.data")
 
@@ -186,6 +187,7 @@ class DecodeProbe:
         return ""
 
 
+@register_loader
 class DaliLoader(FaceLoader):
     """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DALI worker threads."""
 
@@ -198,7 +200,7 @@ class DaliLoader(FaceLoader):
         self._probe = DecodeProbe(self.device_id)
 
     def _pipeline_seed(self, plan: EpochPlan, rebuilds: int) -> int:
-        return int(np.random.SeedSequence([self.config.seed, plan.epoch, plan.rank, rebuilds]).generate_state(1)[0] >> 1)
+        return derive_seed(self.config.seed, "dali_pipeline", plan.epoch, plan.rank, rebuilds)
 
     def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
         c = self.config

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_ORDER_TAG, _ROWS_TAG, _FLIP_TAG = 0, 1, 2
+from largefr.seeding import derive_seed
 
 
 def _check(name: str, value: int, low: int) -> None:
@@ -59,10 +59,11 @@ class EpochPlan:
                 f"{self.num_samples} samples give no full batch: world_size={self.world_size} x "
                 f"batch_size={self.batch_size} needs at least {self.world_size * self.batch_size}"
             )
-        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_TAG])
+        rng = np.random.default_rng(derive_seed(self.seed, "epoch_order", self.epoch))
         self.order = rng.permutation(len(self.shard_counts))
         counts = np.asarray(self.shard_counts, dtype=np.int64)[self.order]
         self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.flip_key = np.uint64(derive_seed(self.seed, "flips", self.epoch, self.rank))
 
     @property
     def num_samples(self) -> int:
@@ -84,7 +85,7 @@ class EpochPlan:
         if rows is None:
             if len(self._rows_cache) > 64:
                 self._rows_cache.clear()
-            rng = np.random.default_rng([self.seed, self.epoch, _ROWS_TAG, shard])
+            rng = np.random.default_rng(derive_seed(self.seed, "shard_rows", self.epoch, shard))
             rows = rng.permutation(self.shard_counts[shard])
             self._rows_cache[shard] = rows
         return rows
@@ -109,7 +110,7 @@ class EpochPlan:
     def flips(self, positions: np.ndarray) -> np.ndarray:
         """A fair coin per position, fixed by (seed, epoch, rank, position): horizontal flip or not."""
         x = positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        x ^= np.uint64((self.seed * 1_000_003 + self.epoch * 8191 + self.rank * 131 + _FLIP_TAG) & 0xFFFFFFFFFFFF)
+        x ^= self.flip_key
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)

@@ -1,6 +1,7 @@
-"""The loader interface shared by the DALI and the torch loader, and :func:`build_loader`.
+"""The loader interface shared by the DALI and the torch loader, and the registry of loader kinds.
 
-Usage by a trainer::
+A loader class registers its ``kind`` with :func:`register_loader`; :func:`largefr.data.loader_factory.build_loader`
+picks one by name. Usage by a trainer::
 
     loader = build_loader(data_dir, batch_size=128, rank=ctx.rank, world_size=ctx.world_size,
                           seed=cfg.seed, device=ctx.device, kind="auto", num_threads=4)
@@ -16,18 +17,15 @@ from __future__ import annotations
 import abc
 import logging
 import operator
-import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, TypeVar
 
 import torch
 
-from largefr.data.manifest import Manifest, read_manifest
+from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 
 log = logging.getLogger("largefr.data")
-
-LOADER_KINDS = ("auto", "dali", "torch")
 
 
 @dataclass(frozen=True)
@@ -173,6 +171,19 @@ class FaceLoader(abc.ABC):
         """Yield the batches ``step, step+1, ...`` of the epoch, reading from rank position ``position``."""
 
 
+LOADER_CLASSES: dict[str, type[FaceLoader]] = {}
+_L = TypeVar("_L", bound=type[FaceLoader])
+
+
+def register_loader(cls: _L) -> _L:
+    """Class decorator: make ``cls`` the loader of kind ``cls.kind``."""
+    if not cls.kind or cls.kind in LOADER_CLASSES:
+        raise ValueError(f"loader kind {cls.kind!r} of {cls.__name__} must be a new, non-empty name "
+                         f"(registered: {sorted(LOADER_CLASSES)})")
+    LOADER_CLASSES[cls.kind] = cls
+    return cls
+
+
 def _state_ints(state: dict[str, Any], names: tuple[str, ...]) -> list[int]:
     """Integer fields of a loader state (``skipped`` defaults to 0); ValueError naming a bad one."""
     values = []
@@ -210,51 +221,4 @@ def out_of_samples_error(rank: int, plan: EpochPlan, corrupt: int, root: object)
         f"more than {plan.block_size} samples of this rank are unreadable"
     )
 
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def build_loader(
-    source: str | os.PathLike[str] | Manifest,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    device: torch.device = torch.device("cpu"),
-    kind: str = "auto",
-    num_threads: int = 2,
-    prefetch: int = 2,
-    shuffle_buffer: int = 0,
-    flip: bool = True,
-) -> FaceLoader:
-    """A loader over the dataset directory ``source`` (or its manifest) for this rank.
-
-    kind: "dali" (``fn.readers.webdataset``; CPU decoding when ``device.type == "cpu"``, nvJPEG "mixed"
-    decoding on ``device`` otherwise), "torch" (PIL in ``num_threads`` DataLoader worker processes) or
-    "auto" (dali when ``nvidia.dali`` imports, else torch). num_threads: DALI threads / torch workers
-    (0: decode in this process). prefetch: batches prepared ahead. shuffle_buffer: DALI only, extra
-    in-pipeline shuffle of that many samples (0: the exact planned order; see docs/data_format.md).
-    flip: random horizontal flip. Raises if a shard is missing or truncated, naming it.
-    """
-    if kind not in LOADER_KINDS:
-        raise ValueError(f"loader kind {kind!r} is not one of {LOADER_KINDS}")
-    manifest = source if isinstance(source, Manifest) else read_manifest(source)
-    config = LoaderConfig(batch_size, rank, world_size, seed, device, num_threads, prefetch, shuffle_buffer, flip)
-    if kind == "auto":
-        kind = "dali" if dali_available() else "torch"
-    if kind == "dali":
-        from largefr.data.dali_loader import DaliLoader
-
-        return DaliLoader(manifest, config)
-    from largefr.data.torch_loader import TorchLoader
-
-    if shuffle_buffer:
-        raise ValueError(f"shuffle_buffer={shuffle_buffer} applies to the DALI loader only; use 0 with kind='torch'")
-    return TorchLoader(manifest, config)
 

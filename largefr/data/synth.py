@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from largefr.seeding import derive_seed
+
 GENERATOR_SEED = 20_240_611
 LATENT_DIM = 32
 RENDER_SIZE = 56
@@ -230,14 +232,14 @@ def _palette(stops: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def identity_latents(seed: int, ids: np.ndarray) -> np.ndarray:
     """[n, LATENT_DIM] latent of each identity id (a pure function of (seed, id))."""
-    return np.stack([np.random.default_rng([seed, 0, int(i)]).standard_normal(LATENT_DIM) for i in ids])
+    return np.stack([np.random.default_rng(derive_seed(seed, "identity_latent", int(i))).standard_normal(LATENT_DIM) for i in ids])
 
 
 def image_randomness(seed: int, ids: np.ndarray, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: expression noise [n, D], nuisance uniforms [n, _NUISANCE], JPEG quality fraction [n]."""
     eps, nuis, q = [], [], []
     for i, j in zip(ids.tolist(), instances.tolist()):
-        rng = np.random.default_rng([seed, 1, i, j])
+        rng = np.random.default_rng(derive_seed(seed, "image_randomness", i, j))
         eps.append(rng.standard_normal(LATENT_DIM))
         r = rng.random(_NUISANCE + 1)
         nuis.append(r[:_NUISANCE])

@@ -25,6 +25,7 @@ from largefr.data.build import (DEFAULT_SHARD_BYTES, ShardTask, check_params, fi
 from largefr.data.manifest import Manifest
 from largefr.data.synth import IMAGE_SIZE, FaceGenerator, SynthSpec, render_jpegs
 from largefr.eval.verification import grid_kfold_accuracy, pair_squared_distance
+from largefr.seeding import derive_seed
 
 log = logging.getLogger("largefr.data")
 
@@ -43,7 +44,7 @@ def _gen() -> FaceGenerator:
 
 def train_order(spec: SynthSpec) -> np.ndarray:
     """Sample j of the dataset is image ``order[j] % per_identity`` of identity ``order[j] // per_identity``."""
-    return np.random.default_rng([spec.seed, 2]).permutation(spec.num_samples)
+    return np.random.default_rng(derive_seed(spec.seed, "train_order")).permutation(spec.num_samples)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class SynthSource:
 
 def verification_pairs(spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(identity ids [2P], instance numbers [2P], issame [P]) of the held-out pairs."""
-    rng = np.random.default_rng([spec.seed, 3])
+    rng = np.random.default_rng(derive_seed(spec.seed, "verification_pairs"))
     first = rng.integers(0, spec.holdout, spec.pairs)
     other = (first + rng.integers(1, spec.holdout, spec.pairs)) % spec.holdout
     issame = np.arange(spec.pairs) % 2 == 0

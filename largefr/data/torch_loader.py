@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largefr.data.labels import parse_label
-from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error
+from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader, decode_image
@@ -101,6 +101,7 @@ def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: b
     )
 
 
+@register_loader
 class TorchLoader(FaceLoader):
     """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DataLoader workers."""
 

@@ -1,7 +1,12 @@
 """Process groups, backend/device choice and collectives (the only distributed code in largefr)."""
 from largefr.distributed.collectives import (
+    all_gather_objects,
     all_gather_rows,
     all_reduce_,
+    all_reduce_max_,
+    barrier,
+    broadcast_object,
+    global_rank,
     gather_rows_with_grad,
     group_rank,
     group_size,
@@ -19,8 +24,13 @@ from largefr.distributed.env import (
 
 __all__ = [
     "DistContext",
+    "all_gather_objects",
     "all_gather_rows",
     "all_reduce_",
+    "all_reduce_max_",
+    "barrier",
+    "broadcast_object",
+    "global_rank",
     "allreduce_sum_hook",
     "broadcast_buffers",
     "choose_backend_and_device",

@@ -50,6 +50,43 @@ def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> tor
     return out
 
 
+def all_reduce_max_(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """In-place element-wise maximum over the ranks of ``group`` (e.g. a "found inf" flag)."""
+    return all_reduce_(tensor, ReduceOp.MAX, group)
+
+
+def barrier(group: ProcessGroup | None) -> None:
+    """Wait until every rank of ``group`` is here; a no-op on a group of one."""
+    if group_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def global_rank(group: ProcessGroup | None) -> int:
+    """This process's rank in the default (world) group, found through ``group``."""
+    if group_size(group) == 1 and group is None:
+        return 0
+    return dist.get_global_rank(group, dist.get_rank(group))
+
+
+def broadcast_object(obj: Any, group: ProcessGroup | None, src: int = 0) -> Any:
+    """The picklable ``obj`` of rank ``src`` of ``group``, returned on every rank (other ranks' ``obj`` unused)."""
+    if group_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
+    """The picklable ``obj`` of every rank of ``group``, in rank order, on every rank."""
+    world = group_size(group)
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def all_reduce_(tensor: torch.Tensor, op: ReduceOp.RedOpType, group: ProcessGroup | None) -> torch.Tensor:
     """In-place all-reduce of a tensor this code owns; a no-op on a group of one."""
     if group_size(group) > 1:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from dataclasses import KW_ONLY, dataclass
 
-import numpy as np
 import torch
 
 from largefr.heads.margin_base import (
@@ -39,8 +38,7 @@ from largefr.heads.margin_base import (
     interclass_filter_,
     theta_of,
 )
-
-_ELASTIC_STREAM = 0xE1A5  # tags the per-step margin draws among the head's seeded streams
+from largefr.seeding import derive_seed
 
 
 def ema_(state: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
@@ -50,8 +48,7 @@ def ema_(state: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
 
 def step_normal(seed: int, step: int, count: int, device: torch.device) -> torch.Tensor:
     """``count`` standard normal draws fixed by (seed, step): value i belongs to global sample i."""
-    entropy = np.random.SeedSequence([seed, _ELASTIC_STREAM, step]).generate_state(1, dtype=np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(entropy) & ((1 << 63) - 1))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "elastic_margin", step))
     return torch.randn(count, generator=gen).to(device)
 
 

@@ -32,9 +32,11 @@ from largefr.heads.margin_runtime import (
     state_buffers,
 )
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
+from largefr.heads.row_optim import build_row_optimizer
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.workspace import Lease, Workspace
+from largefr.seeding import derive_seed
 
 
 class PartialFC(nn.Module):
@@ -168,12 +170,13 @@ class PartialFC(nn.Module):
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.rank)
+            self._generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, "head_sampling", self.rank))
         return self._generator
 
     def _eval_rng(self, device: torch.device) -> torch.Generator:
         """Seeded by (seed, rank, training step): the same eval draw for the same model state."""
-        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 7_919 + self.training_forwards + 1)
+        seed = derive_seed(self.seed, "head_eval_sampling", self.rank, self.training_forwards)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def _record_grad(
         self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
@@ -203,8 +206,6 @@ class PartialFC(nn.Module):
 
     def optimizer(self, name: str, **hyper: Any) -> "torch.optim.Optimizer":
         """Row-sparse optimizer for W: ``"sgd"`` (lr, momentum, weight_decay, nesterov) or ``"adamw"``."""
-        from largefr.heads.row_optim import build_row_optimizer
-
         return build_row_optimizer(self, name, **hyper)
 
     def load_margin_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -15,17 +15,30 @@ Both are torch.optim.Optimizer subclasses over [head.weight], so LR schedulers, 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-from largefr.heads.partial_fc import PartialFC
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
 
 
 UPDATE_BLOCK_ROWS = BLOCK_ROWS
+
+
+@runtime_checkable
+class RowGradSource(Protocol):
+    """What a row-sparse optimizer steps (e.g. PartialFC): a weight matrix and its pending row gradient."""
+
+    weight: torch.nn.Parameter
+
+    def take_row_grad(self) -> SparseRowGrad | None:
+        """The gradient recorded since the last zero_grad, handed over (the record is emptied)."""
+        ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        ...
 
 
 def _fused_ok(device: torch.device) -> bool:
@@ -35,9 +48,12 @@ def _fused_ok(device: torch.device) -> bool:
 class _RowSparseOptimizer(torch.optim.Optimizer):
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, head: PartialFC, defaults: dict[str, Any]) -> None:
-        if not isinstance(head, PartialFC):
-            raise TypeError(f"a row-sparse optimizer needs a PartialFC head, got {type(head).__name__}")
+    def __init__(self, head: RowGradSource, defaults: dict[str, Any]) -> None:
+        if not isinstance(head, RowGradSource):
+            raise TypeError(
+                f"a row-sparse optimizer needs a head with weight, take_row_grad() and zero_grad() "
+                f"(e.g. PartialFC), got {type(head).__name__}"
+            )
         self.head = head
         super().__init__([head.weight], defaults)
         weight = head.weight
@@ -106,7 +122,7 @@ class RowSparseSGD(_RowSparseOptimizer):
     state_names = ("momentum_buffer",)
 
     def __init__(
-        self, head: PartialFC, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+        self, head: RowGradSource, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
     ) -> None:
         _check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and momentum <= 0:
@@ -133,7 +149,7 @@ class RowSparseAdamW(_RowSparseOptimizer):
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(
-        self, head: PartialFC, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+        self, head: RowGradSource, lr: float, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, weight_decay: float = 0.01,
     ) -> None:
         _check_hyper(lr=lr, weight_decay=weight_decay, eps=eps, beta1=betas[0], beta2=betas[1])
@@ -167,7 +183,7 @@ def _check_hyper(**values: float) -> None:
 OPTIMIZERS: dict[str, type[_RowSparseOptimizer]] = {"sgd": RowSparseSGD, "adamw": RowSparseAdamW}
 
 
-def build_row_optimizer(head: PartialFC, name: str, **hyper: Any) -> _RowSparseOptimizer:
+def build_row_optimizer(head: RowGradSource, name: str, **hyper: Any) -> _RowSparseOptimizer:
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown head optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")

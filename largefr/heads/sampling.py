@@ -6,8 +6,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-import numpy as np
 import torch
+
+from largefr.seeding import derive_seed
 
 # W is initialised in blocks of this many global rows, each from its own seeded stream, so a rank
 # generates only the blocks that overlap its slice and the global matrix never depends on world size.
@@ -38,8 +39,7 @@ def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> t
     def fill(block: int) -> None:
         block_start = block * INIT_BLOCK_ROWS
         lo, hi = max(start, block_start), min(stop, block_start + INIT_BLOCK_ROWS)
-        entropy = np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0]
-        gen = torch.Generator().manual_seed(int(entropy) & ((1 << 63) - 1))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "head_weight_init", block))
         # always the whole block: a stream's first values depend on how many are drawn at once
         rows = torch.empty(INIT_BLOCK_ROWS, embedding_size).normal_(0.0, INIT_STD, generator=gen)
         out[lo - start : hi - start] = rows[lo - block_start : hi - block_start]

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager, Sequence
 
 import torch
-import torch.distributed as dist
-from torch.distributed import ProcessGroup, ReduceOp
+from torch.distributed import ProcessGroup
+
+from largefr.distributed import all_reduce_max_
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,9 +57,7 @@ class LossScaler:
             by_dtype.setdefault(g.dtype, []).append(g)
         for same in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(same, found_inf, inv_scale)
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(found_inf, op=ReduceOp.MAX, group=group)
-        return found_inf
+        return all_reduce_max_(found_inf, group)
 
     def update(self, found_inf: torch.Tensor) -> None:
         if self.enabled:

@@ -1,7 +1,8 @@
 """Build a training run's parts from a resolved :class:`Config` and a :class:`DistContext`.
 
-Backbone: seeded by ``train.seed`` (identical on every rank and in ``largefr train --export-init``),
-moved to the context's device and wrapped in DDP with a SUM all-reduce (see largefr.distributed.ddp).
+Backbone: seeded by ``derive_seed(train.seed, "backbone_init")`` (identical on every rank and in
+``largefr train --export-init``), moved to the context's device and wrapped in DDP with a SUM
+all-reduce (see largefr.distributed.ddp).
 Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer. Both optimizers
 follow one LR schedule by optimizer step.
 """
@@ -17,14 +18,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largefr.backbone_file import CheckpointMeta
 from largefr.config import Config, ConfigError, OptimizerConfig, resolve_dataset_sizes
-from largefr.data.loader import FaceLoader, build_loader
+from largefr.data.loader import FaceLoader
+from largefr.data.loader_factory import build_loader
 from largefr.data.manifest import Manifest, read_manifest
 from largefr.distributed import DistContext, wrap_ddp_sum
 from largefr.heads import PartialFC
 from largefr.heads.margins import build_margin
 from largefr.models import build_backbone
 from largefr.models.input import InputBuffer
+from largefr.seeding import derive_seed
 from largefr.train.amp import Precision
 from largefr.train.schedule import ScheduledLR, schedule_from_config
 
@@ -73,7 +77,7 @@ def backbone_kwargs(cfg: Config) -> dict[str, Any]:
 
 def seeded_backbone(cfg: Config) -> nn.Module:
     """The initial backbone of a run: a function of the config only (same on every rank)."""
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derive_seed(cfg.train.seed, "backbone_init"))
     try:
         model = build_backbone(cfg.model.name, cfg.head.embedding_size, **backbone_kwargs(cfg))
     except (ValueError, TypeError) as exc:
@@ -84,18 +88,20 @@ def seeded_backbone(cfg: Config) -> nn.Module:
     return model
 
 
+def exported_backbone_meta(cfg: Config) -> CheckpointMeta:
+    """What ``meta.json`` records to rebuild this run's backbone (checkpoints and ``--export-init``)."""
+    return CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
+
+
+BACKBONE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
 def build_backbone_optimizer(model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if ocfg.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
-    return torch.optim.AdamW(
-        model.parameters(), lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay
-    )
+    return BACKBONE_OPTIMIZERS[ocfg.name](model.parameters(), **ocfg.arguments())
 
 
 def build_head_optimizer(head: PartialFC, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if ocfg.name == "sgd":
-        return head.optimizer("sgd", lr=ocfg.lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
-    return head.optimizer("adamw", lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    return head.optimizer(ocfg.name, **ocfg.arguments())
 
 
 def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
@@ -108,14 +114,14 @@ def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
     # validate=False: labels come from the loader (checked there); no host sync in the step
     head = PartialFC(
         margin, cfg.head.embedding_size, cfg.head.num_classes, cfg.head.sample_rate,
-        process_group=ctx.group, seed=cfg.train.seed, validate=False,
+        process_group=ctx.group, seed=cfg.train.seed, chunk_rows=cfg.head.chunk_rows, validate=False,
     )
     return head.to(ctx.device)
 
 
 def seed_rank_streams(seed: int, rank: int) -> None:
     """Per-rank torch/numpy/python RNG streams for training (dropout etc.), after the shared init."""
-    value = seed * 1000 + 1 + rank
+    value = derive_seed(seed, "rank_streams", rank)
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
@@ -143,7 +149,7 @@ def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> Fac
     return build_loader(
         manifest, batch_size=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         seed=cfg.train.seed, device=ctx.device, kind=cfg.data.loader, num_threads=cfg.data.num_workers,
-        flip=cfg.data.random_flip,
+        prefetch=cfg.data.prefetch, shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.random_flip,
     )
 
 

@@ -1,8 +1,8 @@
 """Sharded, atomic, reshardable training checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of ``<ckpt_root>/step_NNNNNNNN/``: DCP files (``.metadata`` is written last by DCP, so a
-directory holding it is complete), plus on rank 0 ``backbone.pt`` (plain backbone state_dict),
-``meta.json`` and any ``extra_files`` (e.g. ``config.yaml``). Each save goes to ``step_NNNNNNNN.tmp/``
+directory holding it is complete), plus on rank 0 ``meta.json``, the exported backbone
+(``backbone.pt``, written with :mod:`largefr.backbone_file` when ``backbone_meta`` is given) and any ``extra_files`` (e.g. ``config.yaml``). Each save goes to ``step_NNNNNNNN.tmp/``
 and is renamed by rank 0 once every rank has written, so a crash mid-save leaves earlier checkpoints
 loadable and :func:`latest_checkpoint` never returns a partial one.
 
@@ -22,7 +22,6 @@ Per-rank RNG states (torch, numpy, python, and the accelerator's) are saved and 
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -34,7 +33,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
@@ -46,7 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from largefr.distributed import DistContext
+from largefr.backbone_file import CheckpointMeta, write_backbone, write_meta_json
+from largefr.distributed import DistContext, barrier, broadcast_object, global_rank
 
 log = logging.getLogger("largefr.train")
 
@@ -152,11 +151,13 @@ def save_checkpoint(
     keep_last: int = 2,
     extra_files: dict[str, bytes] | None = None,
     meta: dict[str, Any] | None = None,
+    backbone_meta: CheckpointMeta | None = None,
 ) -> Path:
     """Save ``state`` (see module doc) as ``<ckpt_root>/step_NNNNNNNN``; collective over ``ctx.group``.
 
-    ``meta`` (e.g. :func:`backbone_meta`) goes into ``meta.json`` with the step and world size; when
-    ``state["backbone"]`` is a module its plain state_dict is also written as ``backbone.pt``.
+    ``meta`` goes into ``meta.json`` with the step and world size. With ``backbone_meta``,
+    ``state["backbone"]`` (a module) is also exported with :mod:`largefr.backbone_file` (``backbone.pt``
+    and the backbone fields of ``meta.json``), so ``largefr eval`` reads the checkpoint directory.
     Afterwards this one and the ``keep_last - 1`` before it are kept; checkpoints of later steps (an
     abandoned continuation of a run resumed from an earlier step) are removed, with a warning.
     """
@@ -164,6 +165,8 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     if _RNG_KEY in state:
         raise ValueError(f"state key {_RNG_KEY!r} is reserved for the per-rank RNG states")
+    if backbone_meta is not None and not isinstance(state.get("backbone"), nn.Module):
+        raise ValueError("backbone_meta is given but state['backbone'] is not a module to export")
     extra_files = dict(extra_files or {})
     for name, data in extra_files.items():
         if not _SAFE_NAME.match(name) or name in _RESERVED_FILES or not isinstance(data, bytes):
@@ -174,18 +177,18 @@ def save_checkpoint(
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash at this step
         tmp.mkdir(parents=True)
-    dist.barrier(group=ctx.group)
+    barrier(ctx.group)
 
     to_save = _collect({**state, _RNG_KEY: PerRank(_rng_state(ctx))}, ctx)
     with _quiet_sharded_tensor():
         dcp.save(to_save, checkpoint_id=str(tmp), process_group=ctx.group)
 
     def publish() -> None:
-        backbone = to_save.get("backbone") if isinstance(state.get("backbone"), nn.Module) else None
-        if backbone is not None:
-            torch.save({k: v.detach().cpu() for k, v in backbone.items()}, tmp / "backbone.pt")
         info = {**(meta or {}), "step": step, "world_size": ctx.world_size, "format": "largefr-dcp-v1"}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if backbone_meta is not None:
+            write_backbone(tmp, to_save["backbone"], backbone_meta, extra_fields=info)
+        else:
+            write_meta_json(tmp, info)
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data)
         if final.exists():
@@ -248,26 +251,6 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
     return result
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
-
-
-def backbone_meta(name: str, embedding_size: int, image_size: int = 112, **backbone_kwargs: Any) -> dict[str, Any]:
-    """``meta.json`` fields that let an eval/export tool rebuild the backbone with build_backbone."""
-    return {"backbone": name, "embedding_size": embedding_size, "image_size": image_size,
-            "backbone_kwargs": backbone_kwargs}
-
-
-def load_exported_backbone(path: str | Path) -> nn.Module:
-    """Rebuild the backbone of a checkpoint directory from ``meta.json`` + ``backbone.pt`` (eval mode, CPU)."""
-    from largefr.models import build_backbone
-
-    meta = read_meta(path)
-    model = build_backbone(meta["backbone"], meta["embedding_size"], **meta.get("backbone_kwargs", {}))
-    model.load_state_dict(torch.load(Path(path) / "backbone.pt", map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 
@@ -304,7 +287,7 @@ def _restore(item: Any, loaded: Any, ctx: DistContext) -> Any:
 
 def _to_sharded(shard: RowShard, ctx: DistContext) -> ShardedTensor:
     sizes = list(shard.tensor.shape)
-    placement = f"rank:{dist.get_rank()}/{shard.tensor.device}"  # ShardedTensor wants the global rank
+    placement = f"rank:{global_rank(ctx.group)}/{shard.tensor.device}"  # ShardedTensor wants the global rank
     md = ShardMetadata(shard_offsets=[shard.start] + [0] * (len(sizes) - 1), shard_sizes=sizes, placement=placement)
     global_size = [shard.global_rows, *sizes[1:]]
     with _quiet_sharded_tensor():
@@ -352,17 +335,17 @@ def _set_rng_state(state: dict[str, Any], ctx: DistContext) -> None:
 def _on_main_then_share_errors(fn: Callable[[], None], ctx: DistContext) -> None:
     """Run ``fn`` on rank 0; every rank raises if it failed (no rank is left waiting)."""
     error: Exception | None = None
-    message: list[str | None] = [None]
+    message: str | None = None
     if ctx.is_main:
         try:
             fn()
         except Exception as exc:  # re-raised below on rank 0, reported to the other ranks
-            error, message[0] = exc, f"{type(exc).__name__}: {exc}"
-    dist.broadcast_object_list(message, group=ctx.group, group_src=0)
+            error, message = exc, f"{type(exc).__name__}: {exc}"
+    message = broadcast_object(message, ctx.group, src=0)
     if error is not None:
         raise error
-    if message[0] is not None:
-        raise RuntimeError(f"checkpoint publish failed on rank 0: {message[0]}")
+    if message is not None:
+        raise RuntimeError(f"checkpoint publish failed on rank 0: {message}")
 
 
 class _quiet_sharded_tensor(warnings.catch_warnings):

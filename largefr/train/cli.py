@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from largefr.config import Config, ConfigError, load_config
+from largefr.config_schema import help_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("config", type=Path, nargs="?", default=None, help="recipe YAML (configs/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                         help="override a config field, e.g. --set train.batch_size=64 (repeatable)")
     parser.add_argument("--max-steps", type=int, default=None,
@@ -27,17 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-init", type=Path, default=None, metavar="DIR",
                         help="write the initial backbone (the seeded init of this config) as backbone.pt + "
                              "meta.json to DIR and exit; `largefr eval --checkpoint DIR` evaluates it")
-    parser.add_argument("--print-config", action="store_true", help="print the config as loaded and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config as loaded (each field's help as a comment) and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config field with its type, default and help, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 0:
         print(f"largefr train: --max-steps must be >= 0, got {args.max_steps}", file=sys.stderr)
         return 2
+    if args.help_config:
+        print(help_text(Config), end="")
+        return 0
+    if args.config is None:
+        print("largefr train: a recipe YAML is needed (e.g. configs/synthetic_cpu.yaml); "
+              "--help-config lists the fields", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            print(cfg.to_yaml(), end="")
+            print(cfg.to_commented_yaml(), end="")
             return 0
         if args.export_init is not None:
             print(f"initial backbone written to {export_init(cfg, args.export_init)}")
@@ -59,12 +70,10 @@ def _check_inputs(cfg: Config) -> None:
 
 
 def export_init(cfg: Config, out_dir: Path) -> Path:
-    from largefr.backbone_file import CheckpointMeta, save_backbone_checkpoint
-    from largefr.train.build import seeded_backbone
+    from largefr.backbone_file import save_backbone_checkpoint
+    from largefr.train.build import exported_backbone_meta, seeded_backbone
 
-    model = seeded_backbone(cfg)
-    meta = CheckpointMeta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, dict(cfg.model.kwargs))
-    return save_backbone_checkpoint(out_dir, model, meta)
+    return save_backbone_checkpoint(out_dir, seeded_backbone(cfg), exported_backbone_meta(cfg))
 
 
 def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:

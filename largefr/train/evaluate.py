@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from torch import nn
 
-from largefr.distributed import DistContext, broadcast_buffers
+from largefr.distributed import DistContext, all_gather_objects, broadcast_buffers
 from largefr.eval.bin_io import VerificationBin, load_bin
 from largefr.eval.embed import embed_images
 from largefr.eval.verification import verify_interleaved
@@ -61,10 +60,9 @@ class PeriodicVerifier:
             emb = embed_images(model, share.images, self.image_size, self.batch_size, self.workers, self.ctx.device)
         else:
             emb = np.zeros((0, 0), dtype=np.float32)
-        gathered: list[np.ndarray | None] = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, emb, group=self.ctx.group)
+        gathered: list[np.ndarray] = all_gather_objects(emb, self.ctx.group)
         if not self.ctx.is_main:
             return None
-        full = np.concatenate([g for g in gathered if g is not None and g.size])
+        full = np.concatenate([g for g in gathered if g.size])
         return float(verify_interleaved(full, share.issame)["accuracy_mean"])
 

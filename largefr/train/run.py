@@ -48,7 +48,7 @@ def train(cfg: Config, ctx: DistContext, max_steps: int | None = None, resume: s
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         print(f"resolved config ({ctx.world_size} ranks, backend {ctx.backend}, device {ctx.device}):")
-        print(cfg.to_yaml(), end="", flush=True)
+        print(cfg.to_commented_yaml(), end="", flush=True)
     progress = Progress()
     path = resume_path(cfg, resume)
     if path is not None:

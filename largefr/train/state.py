@@ -20,20 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from largefr.backbone_file import read_meta_json
 from largefr.data.loader import FaceLoader
-from largefr.distributed import broadcast_buffers
+from largefr.distributed import broadcast_buffers, broadcast_object
 from largefr.heads import PartialFC
-from largefr.train.build import TrainParts, steps_per_epoch
+from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
     RowShardedState,
-    backbone_meta,
     load_checkpoint,
-    read_meta,
     save_checkpoint,
 )
 
@@ -96,11 +94,11 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
 def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
     cfg = parts.cfg
     broadcast_buffers(parts.model, parts.ctx.group)  # replicated state must be equal on every rank
-    meta = backbone_meta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, **cfg.model.kwargs)
-    meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision)
     return save_checkpoint(
         cfg.checkpoint_dir, progress.step, checkpoint_state(parts, loader, progress), parts.ctx,
-        keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()}, meta=meta,
+        keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()},
+        meta={"num_classes": cfg.head.num_classes, "precision": cfg.train.precision},
+        backbone_meta=exported_backbone_meta(cfg),
     )
 
 
@@ -113,7 +111,7 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
-    same_world = int(read_meta(path)["world_size"]) == parts.ctx.world_size
+    same_world = int(read_meta_json(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
@@ -143,7 +141,7 @@ def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) ->
     """The step size of the run that wrote ``path``; ``loader_state``: the position saved by its rank 0
     (or by this rank, at the same world size). What is not recorded is taken to be as ``now``."""
     batch_size = int(loader_state.get("batch_size", now.batch_size))  # as FaceLoader.load_state_dict
-    return StepSize(int(read_meta(path)["world_size"]), batch_size, _saved_grad_accum(path, now.grad_accum))
+    return StepSize(int(read_meta_json(path)["world_size"]), batch_size, _saved_grad_accum(path, now.grad_accum))
 
 
 def _saved_grad_accum(path: Path, current: int) -> int:
@@ -177,8 +175,7 @@ def _rederive_progress(parts: TrainParts, loader: FaceLoader, saved: Progress) -
 
 
 def _broadcast_rank0_loader_state(parts: TrainParts, own: dict[str, Any] | None) -> dict[str, Any]:
-    box = [own if parts.ctx.is_main else None]
-    dist.broadcast_object_list(box, group=parts.ctx.group, group_src=0)
-    if box[0] is None:
+    rank0 = broadcast_object(own if parts.ctx.is_main else None, parts.ctx.group, src=0)
+    if rank0 is None:
         raise RuntimeError("the checkpoint holds no loader state of rank 0")
-    return dict(box[0])
+    return dict(rank0)
