@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from largefr.data.labels import parse_label, parse_label_rows
+from largefr.data.labels import LabelOutOfRange, parse_label, parse_label_rows
 from largefr.data.loader import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.epoch_order import EpochPlan
@@ -119,7 +119,7 @@ def test_images_all_of_another_size_run_out_clearly(tmp_path, kind):
 LABEL_CASES = [  # payload, class id or None (corrupt)
     (b"5", 5), (b" 5\n", 5), (b"5\x0c", 5), (b"\t\x0b5\r", 5), (b"0012", 12),
     (b"5\x00", None), (b"\x005", None), (b"5 5", None), (b"+5", None), (b"", None), (b" ", None),
-    (b"-1", None), (b"5\xa0", None), (b"1" * 19, None), (b"20", None),
+    (b"-1", None), (b"5\xa0", None), (b"1" * 19, None),
 ]
 
 
@@ -131,6 +131,23 @@ def test_one_label_grammar_for_single_payloads_and_padded_batches():
     for i, (payload, expected) in enumerate(LABEL_CASES):
         assert parse_label(payload, 20) == expected, payload
         assert (int(values[i]) if ok[i] else None) == expected, payload
+
+
+def test_a_well_formed_label_past_num_classes_is_a_dataset_error_not_a_skip():
+    values, ok = parse_label_rows(np.frombuffer(b"20", dtype=np.uint8).astype(np.int16)[None], 20)
+    assert not ok[0]  # the padded-batch path marks it; the probe then raises
+    with pytest.raises(LabelOutOfRange, match=r"label 20, outside \[0, num_classes=20\)"):
+        parse_label(b" 20\n", 20)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_loaders_fail_on_a_label_outside_the_manifest_naming_shard_sample_and_value(tmp_path, kind):
+    # 20 classes in the manifest; sample 11 says 57 (a valid number, a wrong dataset); sample 4 is corrupt
+    root = write_dataset(tmp_path, 20, {11: (gradient_jpeg(), b"57"), 4: (b"junk", b"4")})
+    with pytest.raises(Exception, match=r"000011\.jpg has label 57, outside \[0, num_classes=20\)") as info:
+        run(root, kind, 5, flip=False)
+    assert ".tar:000011.jpg" in str(info.value)  # the shard file and the member
 
 
 @pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from largefr.data.labels import parse_label
+from largefr.data.labels import LabelOutOfRange, parse_label
 from largefr.data.loader import (Batch, BufferPool, FaceLoader, LoaderConfig,
                                   out_of_samples_error)
 from largefr.data.manifest import Manifest
@@ -69,7 +69,10 @@ class ChunkStream(IterableDataset):
         for seg in self.plan.segments(q0, q1):
             for i, row in enumerate(seg.rows.tolist()):
                 raw = reader.read(seg.shard, row)
-                label = parse_label(raw.label, self.manifest.num_classes)
+                try:
+                    label = parse_label(raw.label, self.manifest.num_classes)
+                except LabelOutOfRange as exc:
+                    raise exc.at(reader.describe(seg.shard, row)) from None
                 array, reason = decode_image(raw.image, (h, w))
                 if label is None and array is not None:
                     reason = f"label {raw.label[:24]!r} is not a class id in [0, {self.manifest.num_classes})"
