@@ -135,6 +135,9 @@ class TrainConfig(Section):
     log_every: int = _f(10, POSITIVE)
     eval_every: int = _f(2000, POSITIVE)
     eval_bins: list[str] = _f([])  # verification .bin files (lfw.bin, cfp_fp.bin, ...)
+    # process-group init and every collective fail after this long (a lost peer is an error, not a hang)
+    collective_timeout_s: float = _f(600.0, POSITIVE)
+    preempt_check_every: int = _f(1, POSITIVE)  # steps between the ranks' agreement on a SIGTERM
 
 
 @dataclass

@@ -138,10 +138,38 @@ def completed_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(path: str | Path) -> str:
+    """'' when ``path`` is a loadable checkpoint, else what is wrong: no ``.metadata`` or ``meta.json``,
+    or a data file that ``.metadata`` refers to missing or shorter than the bytes it should hold (a shard
+    lost after the save, e.g. a partial copy)."""
+    path = Path(path)
+    for name in (".metadata", "meta.json"):
+        if not (path / name).is_file():
+            return f"no {name}"
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as exc:  # unreadable .metadata: any pickle/IO error means the same here
+        return f"unreadable .metadata ({type(exc).__name__}: {exc})"
+    needed: dict[str, int] = {}
+    for info in (storage or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"shard file {name} is missing"
+        if file.stat().st_size < size:
+            return f"shard file {name} has {file.stat().st_size} bytes, .metadata needs {size}"
+    return ""
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    found = completed_checkpoints(ckpt_root)
-    return found[-1][1] if found else None
+    """The newest loadable checkpoint directory, or None; newer incomplete ones are skipped with a warning."""
+    for step, path in reversed(completed_checkpoints(ckpt_root)):
+        problem = checkpoint_problem(path)
+        if not problem:
+            return path
+        log.warning("checkpoint %s is incomplete (%s); trying the previous one", path, problem)
+    return None
 
 
 def save_checkpoint(

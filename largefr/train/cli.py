@@ -3,6 +3,11 @@
 The resolved config (num_classes and num_images read from the dataset manifest) is printed by rank 0
 and saved as ``<output_dir>/config.yaml`` and in every checkpoint. By default a run resumes from the
 newest complete checkpoint in its checkpoint directory.
+
+Exit codes: 0 done (or stopped at --max-steps), 2 a config or input error, 3 the output directory is
+locked by another live job (``<output_dir>/run.lock``), 75 stopped by SIGTERM after writing a checkpoint
+(rerun the same command to continue). Process-group set-up and every collective fail after
+``train.collective_timeout_s`` seconds, so a lost peer ends the job instead of hanging it.
 """
 from __future__ import annotations
 
@@ -67,10 +72,15 @@ def export_init(cfg: Config, out_dir: Path) -> Path:
     return save_backbone_checkpoint(out_dir, model, meta)
 
 
+EXIT_LOCKED = 3
+
+
 def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
     from largefr.distributed import init_from_env, shutdown
+    from largefr.train.preemption import EXIT_PREEMPTED, Preempted
+    from largefr.train.run_lock import RunDirectoryLocked
 
-    ctx = init_from_env()
+    ctx = init_from_env(timeout_s=cfg.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(name)s %(levelname)s: %(message)s")
     try:
@@ -81,6 +91,14 @@ def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
         if ctx.is_main:
             print(f"largefr train: {exc}", file=sys.stderr)
         return 2
+    except RunDirectoryLocked as exc:
+        if ctx.is_main:
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except Preempted as exc:
+        if ctx.is_main:
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
         shutdown()
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -49,8 +50,6 @@ def quarantine_from(ckpt_root: str | Path, first_suspect_step: int) -> list[Path
         if step >= first_suspect_step:
             target = path.with_name(path.name + QUARANTINE_SUFFIX)
             if target.exists():
-                import shutil
-
                 shutil.rmtree(target)
             path.rename(target)
             moved.append(target)

@@ -25,6 +25,7 @@ import yaml
 
 from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers
+from largefr.distributed.agreement import any_rank
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, steps_per_epoch
 from largefr.train.checkpoint import (
@@ -36,6 +37,7 @@ from largefr.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from largefr.train.health import TrainingDiverged, nonfinite_tensors
 
 log = logging.getLogger("largefr.train")
 
@@ -93,9 +95,21 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
     }
 
 
+def check_finite(parts: TrainParts, step: int) -> None:
+    """TrainingDiverged on every rank when any rank's parameters or buffers hold a NaN or an infinity."""
+    named = [*parts.model.named_parameters(), *parts.model.named_buffers(), ("head.weight", parts.head.weight)]
+    bad = nonfinite_tensors(named)
+    if any_rank(bool(bad), parts.ctx.group, parts.ctx.device):
+        where = f"rank {parts.ctx.rank}: {', '.join(bad[:4])}" if bad else "on another rank"
+        raise TrainingDiverged(f"parameters are not finite at step {step} ({where}); the checkpoint is not "
+                               "written. Lower optim.*.lr or use train.precision=fp32")
+
+
 def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
+    """Publish a checkpoint of this state; refused (TrainingDiverged) when any weight is not finite."""
     cfg = parts.cfg
     broadcast_buffers(parts.model, parts.ctx.group)  # replicated state must be equal on every rank
+    check_finite(parts, progress.step)
     meta = backbone_meta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, **cfg.model.kwargs)
     meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision)
     return save_checkpoint(
