@@ -149,3 +149,46 @@ def test_divergence_leaves_no_poisoned_checkpoint_and_a_rerun_resumes_a_healthy_
     assert all(all_finite(path, tmp_path) for _, path in kept)
     assert kept[-1][0] == 8  # the rerun finished from the last healthy checkpoint (before: diverged again)
     assert not any("loss" in m and m["loss"] != m["loss"] for m in metrics(out))
+
+
+# --------------------------------------------------------------------------------- skipped samples
+
+
+def corrupt_first_image(dataset: Path, out: Path) -> str:
+    """A copy of ``dataset`` whose first JPEG is zeroed in place (undecodable); returns its member name."""
+    import shutil
+
+    shutil.copytree(dataset, out)
+    idx = next(out.glob("*.idx"))
+    first = idx.read_text().splitlines()[1].split()
+    offset, size = int(first[1]), int(first[2])
+    with open(next(out.glob("*.tar")), "r+b") as tar:
+        tar.seek(offset)
+        tar.write(b"\0" * size)
+    return first[3]
+
+
+def train_collecting_warnings(ctx, sets: list[str]) -> list[str]:
+    from largefr.train.run import train
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("largefr").addHandler(handler)
+    logging.getLogger("largefr").setLevel(logging.INFO)
+    train(load_config(CONFIG, sets), ctx)
+    return messages
+
+
+@pytest.mark.slow
+def test_corrupt_samples_are_summarised_every_epoch_in_the_logs_and_metrics(dataset, tmp_path):
+    data = tmp_path / "data"
+    member = corrupt_first_image(dataset, data)
+    out = tmp_path / "run"
+    # 1 rank x batch 4: 8 steps per epoch; 9 steps end epoch 0 (its generator is closed early, as always)
+    messages = run_ranks(train_collecting_warnings, 1, tiny_run(data, out, "checkpoint.every_steps=100",
+                                                                "train.batch_size=4", total_steps=9))
+    assert any(member.split(".")[0] in m and "skipping corrupt sample" in m for rank in messages for m in rank)
+    assert "epoch 0: skipped 1 corrupt samples (1 in total)" in messages[0]  # before: no summary at all
+    summaries = [m for m in metrics(out) if "skipped_samples" in m]
+    assert [(m["step"], m["skipped_samples"], m["skipped_samples_epoch"]) for m in summaries] == [(8, 1, 1)]
