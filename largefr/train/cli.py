@@ -17,7 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from largefr.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from largefr.distributed import DistContext
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,12 +80,20 @@ def export_init(cfg: Config, out_dir: Path) -> Path:
 EXIT_LOCKED = 3
 
 
+def init_process_group(cfg: Config) -> "DistContext":
+    """The job's process group (torchrun's variables, or one local rank); its set-up and every collective
+    time out after ``train.collective_timeout_s``."""
+    from largefr.distributed import init_from_env
+
+    return init_from_env(timeout_s=cfg.train.collective_timeout_s)
+
+
 def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
-    from largefr.distributed import init_from_env, shutdown
+    from largefr.distributed import shutdown
     from largefr.train.preemption import EXIT_PREEMPTED, Preempted
     from largefr.train.run_lock import RunDirectoryLocked
 
-    ctx = init_from_env(timeout_s=cfg.train.collective_timeout_s)
+    ctx = init_process_group(cfg)
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(name)s %(levelname)s: %(message)s")
     try:
