@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import logging
 from pathlib import Path
 
@@ -202,16 +203,19 @@ def test_dali_shuffle_buffer_keeps_a_random_flip(tmp_path):
 def test_load_state_dict_rejects_states_it_cannot_resume(tmp_path):
     root = write_dataset(tmp_path, 40)
     loader = build_loader(root, batch_size=4, seed=7, kind="torch", num_threads=0)
-    ok = {"epoch": 1, "step": 3, "position": 13, "skipped": 1, "world_size": 1, "batch_size": 4, "seed": 7}
+    ok = {"epoch": 1, "step": 3, "position": 13, "skipped": 1, "pool": "", "step_offset": 0, "world_size": 1,
+          "batch_size": 4, "seed": 7}
     loader.load_state_dict(ok)
     assert loader.state_dict() == ok
     bad = [({"seed": 3}, "seed=3, this loader uses seed=7"),
            ({"world_size": None}, "world_size=None"),
            ({"epoch": -1}, "epoch=-1"),
-           ({"position": 11}, "position=11 is below step x batch_size = 3 x 4"),
+           ({"position": 11}, "position=11 is below (step - step_offset) x batch_size = (3 - 0) x 4"),
+           ({"step_offset": 4}, "step_offset=4 is outside [0, step=3]"),
+           ({"pool": "5-x"}, "pool='5-x': expected ranges"),
            ({"step": 2.5}, "step=2.5")]
     for change, message in bad:
-        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             loader.load_state_dict({**ok, **change})
     partial = {k: v for k, v in ok.items() if k != "world_size"}
     with pytest.raises(ValueError, match="batch_size=4 but no world_size"):

@@ -126,7 +126,10 @@ def step_dir_name(step: int) -> str:
 
 
 def completed_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints under ``ckpt_root``, oldest first; ``*.tmp`` are ignored."""
+    """(step, path) of complete checkpoints under ``ckpt_root``, oldest first; ``*.tmp`` are ignored.
+
+    "Oldest" is by ``samples_consumed`` (in ``meta.json``) when every checkpoint records it: step numbers
+    of runs with different step sizes (another world or batch size) do not compare; else by step."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -135,7 +138,18 @@ def completed_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
         match = _STEP_DIR.match(child.name)
         if match and child.is_dir() and (child / ".metadata").is_file():
             found.append((int(match.group(1)), child))
+    keys = {path: _samples_consumed(path) for _, path in found}
+    if found and all(key is not None for key in keys.values()):
+        return sorted(found, key=lambda item: (keys[item[1]], item[0]))
     return sorted(found)
+
+
+def _samples_consumed(path: Path) -> int | None:
+    try:
+        value = json.loads((path / "meta.json").read_text()).get("samples_consumed")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def checkpoint_problem(path: str | Path) -> str:
@@ -231,13 +245,15 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
     Checkpoints past ``step`` are removed: the run was resumed from an earlier step (or with another
     step size), so they belong to an abandoned continuation that auto-resume must not pick.
     """
-    checkpoints = completed_checkpoints(root)
-    abandoned = [path for s, path in checkpoints if s > step]
+    checkpoints = completed_checkpoints(root)  # in progress order (samples consumed, else step)
+    written = [i for i, (s, _) in enumerate(checkpoints) if s == step]
+    here = written[-1] if written else len(checkpoints)
+    abandoned = [path for _, path in checkpoints[here + 1:]]
     if abandoned:
         log.warning("removing %d checkpoint(s) past step %d, the step just written (a run continued from an "
                     "earlier point; auto-resume must not pick them): %s", len(abandoned), step,
                     ", ".join(path.name for path in abandoned))
-    earlier = [path for s, path in checkpoints if s < step]
+    earlier = [path for _, path in checkpoints[:here]]
     for old in abandoned + earlier[: max(0, len(earlier) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.tmp"):
@@ -271,6 +287,24 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
     if _RNG_KEY in wanted:
         _set_rng_state(_unwrap_rank(dest[_RNG_KEY], ctx), ctx)
     return result
+
+
+def load_every_rank(path: str | Path, key: str, ctx: DistContext) -> list[dict[str, Any]]:
+    """The flat-dict :class:`PerRank` item ``key`` of every rank that saved ``path``, in rank order, on
+    every rank of ``ctx`` (any world size); collective over ``ctx.group``."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    template: dict[str, dict[str, Any]] = {}
+    for fqn in saved:
+        head, _, rest = fqn.partition(".")
+        rank_key, _, leaf = rest.partition(".")
+        if head == key and rank_key.startswith("rank") and leaf and "." not in leaf:
+            template.setdefault(rank_key, {})[leaf] = None
+    ranks = sorted(int(name[4:]) for name in template)
+    if ranks != list(range(len(ranks))) or not ranks:
+        raise KeyError(f"checkpoint {path} holds {key!r} for ranks {ranks}, expected ranks 0..N-1")
+    dest = {key: template}
+    dcp.load(dest, checkpoint_id=str(path), process_group=ctx.group)
+    return [dict(dest[key][f"rank{r}"]) for r in ranks]
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

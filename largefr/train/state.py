@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from largefr.data.loader import FaceLoader
@@ -34,6 +33,7 @@ from largefr.train.checkpoint import (
     RowShardedState,
     backbone_meta,
     load_checkpoint,
+    load_every_rank,
     read_meta,
     save_checkpoint,
 )
@@ -111,7 +111,9 @@ def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
     broadcast_buffers(parts.model, parts.ctx.group)  # replicated state must be equal on every rank
     check_finite(parts, progress.step)
     meta = backbone_meta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, **cfg.model.kwargs)
-    meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision)
+    # samples_consumed orders checkpoints of runs with different step sizes (e.g. resumed 1 -> 3 ranks)
+    meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision,
+                samples_consumed=loader.samples_consumed())
     return save_checkpoint(
         cfg.checkpoint_dir, progress.step, checkpoint_state(parts, loader, progress), parts.ctx,
         keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()}, meta=meta,
@@ -136,13 +138,13 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     if same_world and rng is not None and rng["rng"] is not None:
         generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
         parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
-    if same_world:
+    if same_world and int(loaded["loader"].get("batch_size", loader.config.batch_size)) == loader.config.batch_size:
         loader_state = loaded["loader"]
-        if loader_state is None:
-            raise RuntimeError(f"checkpoint {path} holds no loader state of rank {parts.ctx.rank}")
-    else:  # rank 0's saved position; the loader rescales it to this world size
-        loader_state = _broadcast_rank0_loader_state(parts, loaded["loader"])
-    loader.load_state_dict(loader_state)
+        loader.load_state_dict(loader_state)
+    else:  # the positions of every saved rank: the rest of the epoch is what none of them has read
+        every_rank = load_every_rank(path, "loader", parts.ctx)
+        loader_state = every_rank[0]
+        loader.load_rank_states(every_rank)
     now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
     saved = _saved_step_size(Path(path), loader_state, now)
     if saved != now:
@@ -182,17 +184,11 @@ def _rederive_progress(parts: TrainParts, loader: FaceLoader, saved: Progress) -
     if int(position["epoch"]) == saved.epoch:  # else the loader's epoch ended; set_epoch starts the next
         batches = int(position["step"])
         in_epoch = batches // accum
-        if in_epoch * accum != batches:
-            step = in_epoch * accum
-            loader.load_state_dict({**position, "step": step, "position": step * loader.config.batch_size})
+        back = batches - in_epoch * accum
+        offset = int(position.get("step_offset", 0))
+        if back and batches - back >= offset:  # the pool of a resumed epoch starts at its offset: not before
+            step = batches - back
+            loader.load_state_dict({**position, "step": step, "position": (step - offset) * loader.config.batch_size})
     progress = Progress(saved.epoch * steps_per_epoch(loader, accum) + in_epoch, saved.epoch)
     parts.scheduler.load_state_dict({"last_step": progress.step})
     return progress
-
-
-def _broadcast_rank0_loader_state(parts: TrainParts, own: dict[str, Any] | None) -> dict[str, Any]:
-    box = [own if parts.ctx.is_main else None]
-    dist.broadcast_object_list(box, group=parts.ctx.group, group_src=0)
-    if box[0] is None:
-        raise RuntimeError("the checkpoint holds no loader state of rank 0")
-    return dict(box[0])

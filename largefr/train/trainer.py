@@ -117,7 +117,7 @@ class Trainer:
     def _run_epoch(self, end: int, bar: tqdm | None) -> None:
         loader, progress = self.loader, self.progress
         loader.set_epoch(progress.epoch)
-        steps_left = (len(loader) - int(loader.state_dict()["step"])) // self.accum
+        steps_left = loader.batches_left() // self.accum
         batches = iter(loader)
         try:
             for _ in range(steps_left):
