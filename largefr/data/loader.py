@@ -189,8 +189,11 @@ class FaceLoader(abc.ABC):
         old = self._plan(epoch, pool, 0, saved_world, saved_batch)
         positions = [_state_ints(s, ("position",))[0] for s in states]
         unread = unread_pool(old, positions)
-        skipped = sum(_state_ints(s, ("skipped",))[0] for s in states) if c.rank == 0 else 0
-        resumed = step * saved_world * saved_batch // (c.world_size * c.batch_size)
+        skipped = sum(_state_ints(s, ("skipped",))[0] for s in states) if c.rank == 0 else 0  # the total, once
+        pool_steps = (sum(b - a for a, b in unread) // c.world_size) // c.batch_size
+        # the step the pool starts at: the epoch keeps its len(self) batches (the consumed samples rounded to
+        # this setup's batches, up or down), so the configured epochs end where the LR schedule does
+        resumed = max(0, len(self) - pool_steps)
         # "0-0": the epoch continues from an empty pool (every sample was read): it has no batches left
         self._state = LoaderState(epoch, resumed, 0, skipped, encode_pool(unread) if unread else "0-0", resumed)
 
