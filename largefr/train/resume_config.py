@@ -14,7 +14,6 @@ logging, checkpoint and evaluation settings take effect as configured.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import yaml
 
 from largefr.config import Config, ConfigError, OptimizerConfig
 
-log = logging.getLogger("largefr.train")
 
 FIXED_ON_RESUME = (
     "head.num_classes", "head.embedding_size", "head.margin",
