@@ -26,12 +26,15 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sigterm_when(path: Path, pid: int) -> threading.Thread:
-    """A thread that sends SIGTERM to ``pid`` as soon as ``path`` exists (the first checkpoint)."""
+    """A thread that sends SIGTERM to ``pid`` (< 0: a process group) as soon as ``path`` exists."""
     def watch() -> None:
         deadline = time.monotonic() + 120
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
-        os.kill(pid, signal.SIGTERM)
+        if pid < 0:
+            os.killpg(-pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -65,13 +68,46 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_the_same_step(dataset, tm
 
 @pytest.mark.slow
 def test_cli_exits_with_the_preemption_code_after_its_checkpoint(dataset, tmp_path):
+    """SIGTERM to the whole process group, as torchrun and SLURM send it: the DataLoader worker ignores it."""
     out = tmp_path / "run"
-    sets = [a for s in tiny_run(dataset, out, total_steps=TOTAL) for a in ("--set", s)]
+    sets = [a for s in tiny_run(dataset, out, "data.num_workers=1", total_steps=TOTAL) for a in ("--set", s)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "largefr", "train", str(CONFIG), *sets], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sigterm_when(out / "checkpoints" / "step_00000002", proc.pid)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sigterm_when(out / "checkpoints" / "step_00000002", -proc.pid)  # a negative pid: the process group
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 75, output[-3000:]
     steps = [s for s, _ in completed_checkpoints(out / "checkpoints")]
     assert steps[-1] >= 2 and f"stopped on SIGTERM at step {steps[-1]}" in output
+
+
+def child_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
+def test_loader_workers_survive_the_sigterm_meant_for_the_training_process(dataset):
+    from largefr.data.loader import build_loader
+
+    loader = build_loader(dataset, batch_size=2, kind="torch", num_threads=1, prefetch=1)
+    batches = iter(loader)
+    try:
+        next(batches)
+        workers = child_pids()
+        assert workers, "no DataLoader worker"
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        rest = sum(1 for _ in batches)  # before: "DataLoader worker ... exited unexpectedly"
+    finally:
+        batches.close()
+    assert rest == len(loader) - 1

@@ -8,6 +8,7 @@ the bytes of float32); the conversion to float32 is three contiguous passes, on 
 from __future__ import annotations
 
 import logging
+import signal
 from collections import deque
 from typing import Iterator, NamedTuple
 
@@ -87,6 +88,15 @@ class ChunkStream(IterableDataset):
                      torch.from_numpy(positions[:n]), bad, n)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker init: SIGTERM/SIGINT sent to the whole process group (torchrun, SLURM, Ctrl-C) must reach
+    the training process, which stops at a step boundary with a checkpoint; a worker killed by it would
+    fail the next batch not yet prefetched. Workers still end with the loader, or when the training
+    process dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: bool) -> DataLoader:
     return DataLoader(
         stream,
@@ -95,6 +105,7 @@ def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: b
         prefetch_factor=prefetch if num_workers else None,
         pin_memory=pin,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
     )
 
 
