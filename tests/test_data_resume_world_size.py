@@ -120,3 +120,11 @@ def test_pruning_compares_samples_consumed_not_step_numbers(tmp_path):
     run_ranks(save_with_samples, 1, str(tmp_path), [(30, 60), (60, 120), (12, 72)])
     assert [s for s, _ in completed_checkpoints(tmp_path)] == [30, 12]
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000012"
+
+
+def test_states_written_before_pools_existed_still_resume(dataset):
+    old = loaders(dataset, 2)
+    seen = [k for loader in old for k in read(loader, 2)]
+    states = [{k: v for k, v in loader.state_dict().items() if k not in ("pool", "step_offset")} for loader in old]
+    new, _ = resume(dataset, states, 1)
+    check_exact(seen + read(new[0], None), 1)

@@ -124,11 +124,13 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     """Load ``path`` into the parts and the loader; returns the progress to continue from.
 
     At the world size of the save everything continues exactly. At another world size the W slices
-    are resharded, the loader position is rescaled by global samples consumed, and the head's sampling
-    RNG starts afresh. At another world size, batch size or grad_accum the step and the LR schedule
-    are re-derived from the data consumed (see the module doc).
+    are resharded, the rest of the epoch is the samples no saved rank has read (dealt to the new ranks),
+    and the head's sampling RNG starts afresh. At another world size, batch size or grad_accum the step
+    and the LR schedule are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
+    del state["loader"]  # read below with the keys the checkpoint has (older ones lack pool, step_offset)
+    every_rank = load_every_rank(path, "loader", parts.ctx)
     same_world = int(read_meta(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
     progress_state = loaded["progress"]
@@ -138,13 +140,8 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     if same_world and rng is not None and rng["rng"] is not None:
         generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
         parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
-    if same_world and int(loaded["loader"].get("batch_size", loader.config.batch_size)) == loader.config.batch_size:
-        loader_state = loaded["loader"]
-        loader.load_state_dict(loader_state)
-    else:  # the positions of every saved rank: the rest of the epoch is what none of them has read
-        every_rank = load_every_rank(path, "loader", parts.ctx)
-        loader_state = every_rank[0]
-        loader.load_rank_states(every_rank)
+    loader_state = every_rank[parts.ctx.rank] if same_world else every_rank[0]
+    loader.load_rank_states(every_rank)  # exact at the same sizes; else the unread samples, dealt anew
     now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
     saved = _saved_step_size(Path(path), loader_state, now)
     if saved != now:
