@@ -130,6 +130,9 @@ class TrainConfig(Section):
     log_every: int = _f(10, POSITIVE, "optimizer steps between metric logs")
     eval_every: int = _f(2000, POSITIVE, "optimizer steps between verification runs")
     eval_bins: list[str] = _f([], help="verification .bin files (lfw.bin, ...): a path, or a name inside data.path")
+    collective_timeout_s: float = _f(
+        600.0, POSITIVE, "seconds before process-group set-up or any collective fails (a lost peer is an error, not a hang)")
+    preempt_check_every: int = _f(1, POSITIVE, "optimizer steps between the ranks' agreement on a received SIGTERM")
 
 
 @dataclass

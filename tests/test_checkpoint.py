@@ -203,13 +203,17 @@ def test_continuing_from_an_earlier_step_keeps_the_new_checkpoint(tmp_path):
     assert all("removing 1 checkpoint(s) past step 3" in m and m.endswith("step_00000004") for m in out["warnings"])
 
 
+def save_then_add_partial_dirs(ctx, root: str) -> None:
+    save_steps(ctx, root, [10, 200], keep_last=3)
+    for name, metadata in (("step_00000300.tmp", True), ("step_00000400", False), ("other", True)):
+        (Path(root) / name).mkdir()
+        if metadata:
+            (Path(root) / name / ".metadata").write_bytes(b"x")
+
+
 def test_latest_checkpoint_ignores_tmp_and_incomplete_dirs(tmp_path):
     assert latest_checkpoint(tmp_path / "absent") is None
-    for name, complete in (("step_00000010", True), ("step_00000200", True), ("step_00000300.tmp", True),
-                           ("step_00000400", False), ("other", True)):
-        (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / ".metadata").write_bytes(b"x")
+    run_ranks(save_then_add_partial_dirs, 1, str(tmp_path))
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000200"
     assert [s for s, _ in completed_checkpoints(tmp_path)] == [10, 200]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from largefr.data.labels import parse_label, parse_label_rows
+from largefr.data.labels import LabelOutOfRange, parse_label, parse_label_rows
 from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.epoch_order import EpochPlan
@@ -119,7 +120,7 @@ def test_images_all_of_another_size_run_out_clearly(tmp_path, kind):
 LABEL_CASES = [  # payload, class id or None (corrupt)
     (b"5", 5), (b" 5\n", 5), (b"5\x0c", 5), (b"\t\x0b5\r", 5), (b"0012", 12),
     (b"5\x00", None), (b"\x005", None), (b"5 5", None), (b"+5", None), (b"", None), (b" ", None),
-    (b"-1", None), (b"5\xa0", None), (b"1" * 19, None), (b"20", None),
+    (b"-1", None), (b"5\xa0", None), (b"1" * 19, None),
 ]
 
 
@@ -131,6 +132,23 @@ def test_one_label_grammar_for_single_payloads_and_padded_batches():
     for i, (payload, expected) in enumerate(LABEL_CASES):
         assert parse_label(payload, 20) == expected, payload
         assert (int(values[i]) if ok[i] else None) == expected, payload
+
+
+def test_a_well_formed_label_past_num_classes_is_a_dataset_error_not_a_skip():
+    values, ok = parse_label_rows(np.frombuffer(b"20", dtype=np.uint8).astype(np.int16)[None], 20)
+    assert not ok[0]  # the padded-batch path marks it; the probe then raises
+    with pytest.raises(LabelOutOfRange, match=r"label 20, outside \[0, num_classes=20\)"):
+        parse_label(b" 20\n", 20)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_loaders_fail_on_a_label_outside_the_manifest_naming_shard_sample_and_value(tmp_path, kind):
+    # 20 classes in the manifest; sample 11 says 57 (a valid number, a wrong dataset); sample 4 is corrupt
+    root = write_dataset(tmp_path, 20, {11: (gradient_jpeg(), b"57"), 4: (b"junk", b"4")})
+    with pytest.raises(Exception, match=r"000011\.jpg has label 57, outside \[0, num_classes=20\)") as info:
+        run(root, kind, 5, flip=False)
+    assert ".tar:000011.jpg" in str(info.value)  # the shard file and the member
 
 
 @pytest.mark.timeout(60)
@@ -185,16 +203,19 @@ def test_dali_shuffle_buffer_keeps_a_random_flip(tmp_path):
 def test_load_state_dict_rejects_states_it_cannot_resume(tmp_path):
     root = write_dataset(tmp_path, 40)
     loader = build_loader(root, batch_size=4, seed=7, kind="torch", num_threads=0)
-    ok = {"epoch": 1, "step": 3, "position": 13, "skipped": 1, "world_size": 1, "batch_size": 4, "seed": 7}
+    ok = {"epoch": 1, "step": 3, "position": 13, "skipped": 1, "pool": "", "step_offset": 0, "world_size": 1,
+          "batch_size": 4, "seed": 7}
     loader.load_state_dict(ok)
     assert loader.state_dict() == ok
     bad = [({"seed": 3}, "seed=3, this loader uses seed=7"),
            ({"world_size": None}, "world_size=None"),
            ({"epoch": -1}, "epoch=-1"),
-           ({"position": 11}, "position=11 is below step x batch_size = 3 x 4"),
+           ({"position": 11}, "position=11 is below (step - step_offset) x batch_size = (3 - 0) x 4"),
+           ({"step_offset": 4}, "step_offset=4 is outside [0, step=3]"),
+           ({"pool": "5-x"}, "pool='5-x': expected ranges"),
            ({"step": 2.5}, "step=2.5")]
     for change, message in bad:
-        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             loader.load_state_dict({**ok, **change})
     partial = {k: v for k, v in ok.items() if k != "world_size"}
     with pytest.raises(ValueError, match="batch_size=4 but no world_size"):

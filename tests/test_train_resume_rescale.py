@@ -72,11 +72,12 @@ def stopped(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_larger_batch_continues_at_the_samples_seen(dataset: Path, stopped: Path, tmp_path: Path):
-    """Batch 4: 14 samples are 3 steps (of 8 per epoch, 16 in all), not 7."""
+    """Batch 4: 14 samples are 3.5 steps (of 8 per epoch, 16 in all), not 7; the 18 unread samples make
+    4 batches, so epoch 0 continues at step 4 and keeps its 8 steps."""
     run_ranks(train_once, 1, settings(dataset, tmp_path, batch_size=4), None, str(stopped))
     written = completed_checkpoints(tmp_path / "checkpoints")
-    assert [s for s, _ in written] == list(range(4, 17))
-    assert position(saved(written[0][1], tmp_path)) == {"step": 4, "epoch": 0, "lr_step": 4, "loader": {"rank0": (0, 4)}}
+    assert [s for s, _ in written] == list(range(5, 17))
+    assert position(saved(written[0][1], tmp_path)) == {"step": 5, "epoch": 0, "lr_step": 5, "loader": {"rank0": (0, 5)}}
     # the run ends with both epochs complete (before the fix: 3 batches of epoch 1 were never trained)
     assert position(saved(written[-1][1], tmp_path)) == {"step": 16, "epoch": 1, "lr_step": 16,
                                                          "loader": {"rank0": (1, 8)}}
@@ -84,12 +85,13 @@ def test_larger_batch_continues_at_the_samples_seen(dataset: Path, stopped: Path
 
 @pytest.mark.slow
 def test_more_ranks_with_accumulation_continue_at_the_samples_seen(dataset: Path, stopped: Path, tmp_path: Path):
-    """2 ranks x batch 2 x grad_accum 2 (8 samples a step, 4 steps per epoch): 14 samples are 3 batches
-    per rank, i.e. 1 whole step; the loader goes back to batch 2 so that steps stay whole."""
+    """2 ranks x batch 2 x grad_accum 2 (8 samples a step, 4 steps per epoch): 14 samples are 1.75 steps;
+    the 18 unread samples are dealt as 4 batches per rank (2 steps), so epoch 0 continues at step 2 and
+    no sample is read twice."""
     run_ranks(train_once, 2, settings(dataset, tmp_path, batch_size=2, grad_accum=2), None, str(stopped))
     written = completed_checkpoints(tmp_path / "checkpoints")
-    assert [s for s, _ in written] == list(range(2, 9))
-    both = {"rank0": (0, 4), "rank1": (0, 4)}
-    assert position(saved(written[0][1], tmp_path)) == {"step": 2, "epoch": 0, "lr_step": 2, "loader": both}
+    assert [s for s, _ in written] == list(range(3, 9))
+    both = {"rank0": (0, 6), "rank1": (0, 6)}
+    assert position(saved(written[0][1], tmp_path)) == {"step": 3, "epoch": 0, "lr_step": 3, "loader": both}
     both = {"rank0": (1, 8), "rank1": (1, 8)}
     assert position(saved(written[-1][1], tmp_path)) == {"step": 8, "epoch": 1, "lr_step": 8, "loader": both}

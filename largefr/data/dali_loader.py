@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from largefr.data.labels import LABEL_PAD, parse_label, parse_label_rows
+from largefr.data.labels import LABEL_PAD, LabelOutOfRange, parse_label, parse_label_rows
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -284,8 +284,12 @@ class DaliLoader(FaceLoader):
                 if pos in excluded:
                     continue
                 raw = reader.read(seg.shard, row)
+                try:
+                    label = parse_label(raw.label, self.manifest.num_classes)
+                except LabelOutOfRange as exc:
+                    raise exc.at(reader.describe(seg.shard, row)) from None
                 reason = self._probe.check(raw.image, self.manifest.image_size)
-                if not reason and parse_label(raw.label, self.manifest.num_classes) is None:
+                if not reason and label is None:
                     reason = f"label {raw.label[:24]!r} is not a class id in [0, {self.manifest.num_classes})"
                 if reason:
                     log.warning("rank %d: skipping corrupt sample %s: %s", c.rank, reader.describe(seg.shard, row), reason)

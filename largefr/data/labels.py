@@ -3,8 +3,9 @@ padded batch (DALI pipeline output).
 
 A label is 1 to ``MAX_LABEL_DIGITS`` ASCII digits, optionally preceded and followed by bytes of
 ``LABEL_WHITESPACE`` (space, tab, LF, VT, FF, CR: what ``bytes.strip()`` removes), with a value in
-``[0, num_classes)``. Any other byte, NUL included, makes the sample corrupt: a zeroed tail that cut a
-number short must not turn into another class id.
+``[0, num_classes)``. Any other byte, NUL included, makes the sample corrupt (a counted skip): a zeroed
+tail that cut a number short must not turn into another class id. A well-formed number outside
+``[0, num_classes)`` is not corruption but a dataset that disagrees with its manifest: :class:`LabelOutOfRange`.
 """
 from __future__ import annotations
 
@@ -15,19 +16,36 @@ MAX_LABEL_DIGITS = 18
 LABEL_PAD = -1  # fills the rows of a padded batch past each payload's end (no byte has this value)
 
 
+class LabelOutOfRange(ValueError):
+    """A well-formed label outside the manifest's class range: the dataset is wrong, not one sample."""
+
+    def __init__(self, value: int, num_classes: int, where: str = "") -> None:
+        self.value, self.num_classes, self.where = value, num_classes, where
+        place = f"sample {where}" if where else "a sample"
+        super().__init__(f"dataset error: {place} has label {value}, outside [0, num_classes={num_classes}) of "
+                         "the dataset manifest; fix the labels or the manifest's num_classes")
+
+    def at(self, where: str) -> "LabelOutOfRange":
+        """The same error naming the sample (``<shard path>:<member name>``)."""
+        return LabelOutOfRange(self.value, self.num_classes, where)
+
+
 def parse_label(raw: bytes, num_classes: int) -> int | None:
-    """The class id of a ``.cls`` payload, or None when it does not follow the label grammar or is not
-    in [0, num_classes)."""
+    """The class id of a ``.cls`` payload, or None when it does not follow the label grammar; raises
+    :class:`LabelOutOfRange` for a well-formed value >= ``num_classes``."""
     text = raw.strip(LABEL_WHITESPACE)
     if not text or len(text) > MAX_LABEL_DIGITS or not all(48 <= b <= 57 for b in text):
         return None
     value = int(text)
-    return value if value < num_classes else None
+    if value >= num_classes:
+        raise LabelOutOfRange(value, num_classes)
+    return value
 
 
 def parse_label_rows(raw: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(int64 [B] class ids, bool [B] valid) of payloads padded with ``LABEL_PAD`` into an integer
-    [B, L] array; the value of an invalid row is meaningless. Same grammar as :func:`parse_label`."""
+    [B, L] array; the value of an invalid row is meaningless. Same grammar as :func:`parse_label`, but a
+    value >= ``num_classes`` is only marked invalid (the caller probes the row with :func:`parse_label`)."""
     if raw.ndim != 2:
         raise ValueError(f"padded labels must be a [batch, length] array, got shape {raw.shape}")
     raw = raw.astype(np.int64)

@@ -23,7 +23,7 @@ from typing import Any, Iterator, NamedTuple, TypeVar
 import torch
 
 from largefr.data.manifest import Manifest
-from largefr.data.epoch_order import EpochPlan
+from largefr.data.epoch_order import EpochPlan, unread_pool
 
 log = logging.getLogger("largefr.data")
 
@@ -57,12 +57,32 @@ class LoaderConfig:
 @dataclass
 class LoaderState:
     """Position of one rank: ``step`` batches of ``epoch`` consumed, which used rank positions
-    ``[0, position)`` (``position - step*batch_size`` of them were corrupt and skipped)."""
+    ``[0, position)`` (``position - step*batch_size`` of them were corrupt and skipped).
+
+    After a resume at another world or batch size mid-epoch, the rest of the epoch is ``pool`` (the
+    unread sequence ranges, ``"a-b,c-d"``; see :func:`largefr.data.epoch_order.unread_pool`) dealt from
+    position 0; ``step_offset`` is the step (in this loader's batches) at which that deal started, so
+    ``step - step_offset`` batches of the pool are done."""
 
     epoch: int = 0
     step: int = 0
     position: int = 0
     skipped: int = 0
+    pool: str = ""
+    step_offset: int = 0
+
+
+def encode_pool(pool: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{a}-{b}" for a, b in pool)
+
+
+def decode_pool(text: str) -> tuple[tuple[int, int], ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple((int(a), int(b)) for a, b in (piece.split("-") for piece in text.split(",")))
+    except ValueError as exc:
+        raise ValueError(f"loader state pool={text!r}: expected ranges 'start-stop,start-stop,...'") from exc
 
 
 class Batch(NamedTuple):
@@ -105,12 +125,34 @@ class FaceLoader(abc.ABC):
     def epoch(self) -> int:
         return self._state.epoch
 
-    def _plan(self, epoch: int) -> EpochPlan:
+    def _plan(self, epoch: int, pool: str = "", rank: int | None = None, world_size: int | None = None,
+              batch_size: int | None = None) -> EpochPlan:
         c = self.config
-        return EpochPlan(tuple(self.manifest.shard_counts), c.seed, epoch, c.rank, c.world_size, c.batch_size)
+        return EpochPlan(tuple(self.manifest.shard_counts), c.seed, epoch, c.rank if rank is None else rank,
+                         world_size or c.world_size, batch_size or c.batch_size, decode_pool(pool))
 
     def __len__(self) -> int:
+        """Batches of a whole epoch (an epoch continued from a pool may have a few more or fewer)."""
         return (self.manifest.num_samples // self.config.world_size) // self.config.batch_size
+
+    def _pool_steps(self) -> int:
+        """Batches of the pool this rank's epoch continues from (0 when it is too small for one)."""
+        c, pool = self.config, decode_pool(self._state.pool)
+        size = sum(b - a for a, b in pool or ())
+        return (size // c.world_size) // c.batch_size
+
+    def batches_left(self) -> int:
+        """Batches this rank still yields in the current epoch."""
+        state = self._state
+        if state.pool:
+            return max(0, self._pool_steps() - (state.step - state.step_offset))
+        return max(0, len(self) - state.step)
+
+    def samples_consumed(self) -> int:
+        """A measure of progress comparable across world and batch sizes: whole epochs x samples, plus
+        the global samples of this epoch's consumed batches."""
+        c = self.config
+        return self._state.epoch * self.manifest.num_samples + self._state.step * c.world_size * c.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         if not isinstance(epoch, int) or epoch < 0:
@@ -122,11 +164,46 @@ class FaceLoader(abc.ABC):
         c = self.config
         return {**asdict(self._state), "world_size": c.world_size, "batch_size": c.batch_size, "seed": c.seed}
 
+    def load_rank_states(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the states of *every* rank of a run (rank order), at any world or batch size: at
+        the same sizes this rank's state is loaded exactly; otherwise the samples no old rank has read
+        are dealt to the ranks of this loader (:func:`largefr.data.epoch_order.unread_pool`)."""
+        c = self.config
+        if not states:
+            raise ValueError("load_rank_states needs the loader states of every rank, got none")
+        sizes = {_saved_sizes(state, c) for state in states}
+        if len(sizes) != 1 or next(iter(sizes))[0] != len(states):
+            raise ValueError(f"loader states of {len(states)} ranks record world/batch sizes {sorted(sizes)}: "
+                             "expected one state per rank of one run")
+        (saved_world, saved_batch), = sizes
+        if (saved_world, saved_batch) == (c.world_size, c.batch_size):
+            self.load_state_dict(states[c.rank])
+            return
+        for state in states:
+            self.load_state_dict(state)  # validates each (seed, counts, range), then replaced below
+        fields = [tuple(_state_ints(s, ("epoch", "step", "step_offset"))) + (str(s.get("pool", "")),) for s in states]
+        if len(set(fields)) != 1:
+            raise ValueError(f"loader states of one checkpoint disagree on (epoch, step, step_offset, pool): {fields}")
+        epoch, step, _, pool = fields[0]
+        old = self._plan(epoch, pool, 0, saved_world, saved_batch)
+        positions = [_state_ints(s, ("position",))[0] for s in states]
+        unread = unread_pool(old, positions)
+        skipped = sum(_state_ints(s, ("skipped",))[0] for s in states) if c.rank == 0 else 0  # the total, once
+        pool_steps = (sum(b - a for a, b in unread) // c.world_size) // c.batch_size
+        # the step the pool starts at: the epoch keeps its len(self) batches (the consumed samples rounded to
+        # this setup's batches, up or down), so the configured epochs end where the LR schedule does
+        resumed = max(0, len(self) - pool_steps)
+        # "0-0": the epoch continues from an empty pool (every sample was read): it has no batches left
+        self._state = LoaderState(epoch, resumed, 0, skipped, encode_pool(unread) if unread else "0-0", resumed)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at (epoch, step). Saved with another world size or batch size, the epoch is kept and
         the step rescaled by the global samples consumed (the exact position is then unknown). A state
         saved with another seed describes another sample order and is refused."""
-        epoch, step, position, skipped = _state_ints(state, ("epoch", "step", "position", "skipped"))
+        epoch, step, position, skipped, offset = _state_ints(state, ("epoch", "step", "position", "skipped",
+                                                                      "step_offset"))
+        pool = str(state.get("pool", ""))
+        decode_pool(pool)
         c = self.config
         if "seed" in state and _state_ints(state, ("seed",))[0] != c.seed:
             raise ValueError(f"loader state was saved with seed={state['seed']!r}, this loader uses seed={c.seed}: "
@@ -138,26 +215,29 @@ class FaceLoader(abc.ABC):
         if resumed > len(self):
             raise ValueError(f"loader state step={step} (world_size={saved_world}, batch_size={saved_batch}) is "
                              f"step {resumed} here, outside [0, {len(self)}] batches per epoch")
-        if position < step * saved_batch:
-            raise ValueError(f"loader state position={position} is below step x batch_size = {step} x {saved_batch}: "
-                             "a position counts every sample consumed, skipped ones included")
-        if (saved_world, saved_batch) != (c.world_size, c.batch_size):
-            position = resumed * c.batch_size
-        self._state = LoaderState(epoch, resumed, position, skipped)
+        if not 0 <= offset <= step:
+            raise ValueError(f"loader state step_offset={offset} is outside [0, step={step}]")
+        if position < (step - offset) * saved_batch:
+            raise ValueError(f"loader state position={position} is below (step - step_offset) x batch_size = "
+                             f"({step} - {offset}) x {saved_batch}: a position counts every sample consumed, "
+                             "skipped ones included")
+        if (saved_world, saved_batch) != (c.world_size, c.batch_size):  # approximate: see load_rank_states
+            position, pool, offset = resumed * c.batch_size, "", 0
+        self._state = LoaderState(epoch, resumed, position, skipped, pool, offset)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         state = self._state
-        plan = self._plan(state.epoch)
         skipped_before = state.skipped
-        if state.step < plan.steps:
-            batches = self._batches(plan, state.position, state.step)
+        if self.batches_left() > 0:
+            plan = self._plan(state.epoch, state.pool)
+            batches = self._batches(plan, state.position, state.step - state.step_offset)
             try:
                 for batch in batches:
                     state.step += 1
                     state.position = batch.position
                     state.skipped += batch.skipped
                     yield batch.images, batch.labels
-                    if state.step >= plan.steps:
+                    if state.step - state.step_offset >= plan.steps:
                         break
             finally:
                 batches.close()
@@ -185,10 +265,10 @@ def register_loader(cls: _L) -> _L:
 
 
 def _state_ints(state: dict[str, Any], names: tuple[str, ...]) -> list[int]:
-    """Integer fields of a loader state (``skipped`` defaults to 0); ValueError naming a bad one."""
+    """Integer fields of a loader state (``skipped``, ``step_offset`` default to 0); ValueError naming a bad one."""
     values = []
     for name in names:
-        value = state.get(name, 0 if name == "skipped" else None)
+        value = state.get(name, 0 if name in ("skipped", "step_offset") else None)
         try:
             if isinstance(value, bool):
                 raise TypeError("a bool is not a count")

@@ -8,6 +8,7 @@ says (a quarter of the bytes of float32 between processes and over PCIe; the tra
 from __future__ import annotations
 
 import logging
+import signal
 from collections import deque
 from typing import Iterator, NamedTuple
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from largefr.data.labels import parse_label
+from largefr.data.labels import LabelOutOfRange, parse_label
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -67,7 +68,10 @@ class ChunkStream(IterableDataset):
         for seg in self.plan.segments(q0, q1):
             for i, row in enumerate(seg.rows.tolist()):
                 raw = reader.read(seg.shard, row)
-                label = parse_label(raw.label, self.manifest.num_classes)
+                try:
+                    label = parse_label(raw.label, self.manifest.num_classes)
+                except LabelOutOfRange as exc:
+                    raise exc.at(reader.describe(seg.shard, row)) from None
                 array, reason = decode_image(raw.image, (h, w))
                 if label is None and array is not None:
                     reason = f"label {raw.label[:24]!r} is not a class id in [0, {self.manifest.num_classes})"
@@ -90,6 +94,15 @@ def _put_chw(out: np.ndarray, hwc: np.ndarray) -> None:
         out[channel] = hwc[:, :, channel]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker init: SIGTERM/SIGINT sent to the whole process group (torchrun, SLURM, Ctrl-C) must reach
+    the training process, which stops at a step boundary with a checkpoint; a worker killed by it would
+    fail the next batch not yet prefetched. Workers still end with the loader, or when the training
+    process dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: bool) -> DataLoader:
     return DataLoader(
         stream,
@@ -98,6 +111,7 @@ def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: b
         prefetch_factor=prefetch if num_workers else None,
         pin_memory=pin,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
     )
 
 

@@ -46,10 +46,20 @@ from torch.distributed.checkpoint.state_dict import (
 
 from largefr.backbone_file import CheckpointMeta, write_backbone, write_meta_json
 from largefr.distributed import DistContext, barrier, broadcast_object, global_rank
+from largefr.train.checkpoint_index import (  # re-exported: the checkpoint API lives here
+    checkpoint_problem,
+    completed_checkpoints,
+    latest_checkpoint,
+    step_dir_name,
+)
+
+__all__ = [
+    "OptimizerState", "PerRank", "RowShard", "RowShardedState", "checkpoint_problem", "completed_checkpoints",
+    "latest_checkpoint", "load_checkpoint", "load_every_rank", "save_checkpoint", "step_dir_name",
+]
 
 log = logging.getLogger("largefr.train")
 
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _RNG_KEY = "_rng"
 _RESERVED_FILES = {"backbone.pt", "meta.json", ".metadata"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -118,31 +128,6 @@ class PerRank:
     value: Any
 
 
-def step_dir_name(step: int) -> str:
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step_{step:08d}"
-
-
-def completed_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints under ``ckpt_root``, oldest first; ``*.tmp`` are ignored."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / ".metadata").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    found = completed_checkpoints(ckpt_root)
-    return found[-1][1] if found else None
-
-
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -206,13 +191,15 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
     Checkpoints past ``step`` are removed: the run was resumed from an earlier step (or with another
     step size), so they belong to an abandoned continuation that auto-resume must not pick.
     """
-    checkpoints = completed_checkpoints(root)
-    abandoned = [path for s, path in checkpoints if s > step]
+    checkpoints = completed_checkpoints(root)  # in progress order (samples consumed, else step)
+    written = [i for i, (s, _) in enumerate(checkpoints) if s == step]
+    here = written[-1] if written else len(checkpoints)
+    abandoned = [path for _, path in checkpoints[here + 1:]]
     if abandoned:
         log.warning("removing %d checkpoint(s) past step %d, the step just written (a run continued from an "
                     "earlier point; auto-resume must not pick them): %s", len(abandoned), step,
                     ", ".join(path.name for path in abandoned))
-    earlier = [path for s, path in checkpoints if s < step]
+    earlier = [path for _, path in checkpoints[:here]]
     for old in abandoned + earlier[: max(0, len(earlier) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.tmp"):
@@ -249,6 +236,24 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
     if _RNG_KEY in wanted:
         _set_rng_state(_unwrap_rank(dest[_RNG_KEY], ctx), ctx)
     return result
+
+
+def load_every_rank(path: str | Path, key: str, ctx: DistContext) -> list[dict[str, Any]]:
+    """The flat-dict :class:`PerRank` item ``key`` of every rank that saved ``path``, in rank order, on
+    every rank of ``ctx`` (any world size); collective over ``ctx.group``."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    template: dict[str, dict[str, Any]] = {}
+    for fqn in saved:
+        head, _, rest = fqn.partition(".")
+        rank_key, _, leaf = rest.partition(".")
+        if head == key and rank_key.startswith("rank") and leaf and "." not in leaf:
+            template.setdefault(rank_key, {})[leaf] = None
+    ranks = sorted(int(name[4:]) for name in template)
+    if ranks != list(range(len(ranks))) or not ranks:
+        raise KeyError(f"checkpoint {path} holds {key!r} for ranks {ranks}, expected ranks 0..N-1")
+    dest = {key: template}
+    dcp.load(dest, checkpoint_id=str(path), process_group=ctx.group)
+    return [dict(dest[key][f"rank{r}"]) for r in ranks]
 
 
 # --------------------------------------------------------------------------------------------- helpers

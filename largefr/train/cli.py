@@ -3,6 +3,11 @@
 The resolved config (num_classes and num_images read from the dataset manifest) is printed by rank 0
 and saved as ``<output_dir>/config.yaml`` and in every checkpoint. By default a run resumes from the
 newest complete checkpoint in its checkpoint directory.
+
+Exit codes: 0 done (or stopped at --max-steps), 2 a config or input error, 3 the output directory is
+locked by another live job (``<output_dir>/run.lock``), 75 stopped by SIGTERM after writing a checkpoint
+(rerun the same command to continue). Process-group set-up and every collective fail after
+``train.collective_timeout_s`` seconds, so a lost peer ends the job instead of hanging it.
 """
 from __future__ import annotations
 
@@ -12,8 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from largefr.config import Config, ConfigError, load_config
 from largefr.config_schema import help_text
+
+if TYPE_CHECKING:
+    from largefr.distributed import DistContext
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,10 +86,23 @@ def export_init(cfg: Config, out_dir: Path) -> Path:
     return save_backbone_checkpoint(out_dir, seeded_backbone(cfg), exported_backbone_meta(cfg))
 
 
-def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
-    from largefr.distributed import init_from_env, shutdown
+EXIT_LOCKED = 3
 
-    ctx = init_from_env()
+
+def init_process_group(cfg: Config) -> "DistContext":
+    """The job's process group (torchrun's variables, or one local rank); its set-up and every collective
+    time out after ``train.collective_timeout_s``."""
+    from largefr.distributed import init_from_env
+
+    return init_from_env(timeout_s=cfg.train.collective_timeout_s)
+
+
+def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
+    from largefr.distributed import shutdown
+    from largefr.train.preemption import EXIT_PREEMPTED, Preempted
+    from largefr.train.run_lock import RunDirectoryLocked
+
+    ctx = init_process_group(cfg)
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(name)s %(levelname)s: %(message)s")
     try:
@@ -90,6 +113,14 @@ def _run_distributed(cfg: Config, args: argparse.Namespace) -> int:
         if ctx.is_main:
             print(f"largefr train: {exc}", file=sys.stderr)
         return 2
+    except RunDirectoryLocked as exc:
+        if ctx.is_main:
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except Preempted as exc:
+        if ctx.is_main:
+            print(f"largefr train: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
         shutdown()
     return 0

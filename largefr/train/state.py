@@ -24,7 +24,8 @@ import yaml
 
 from largefr.backbone_file import read_meta_json
 from largefr.data.loader import FaceLoader
-from largefr.distributed import broadcast_buffers, broadcast_object
+from largefr.distributed import broadcast_buffers
+from largefr.distributed.agreement import any_rank
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
 from largefr.train.checkpoint import (
@@ -32,8 +33,10 @@ from largefr.train.checkpoint import (
     PerRank,
     RowShardedState,
     load_checkpoint,
+    load_every_rank,
     save_checkpoint,
 )
+from largefr.train.health import TrainingDiverged, nonfinite_tensors
 
 log = logging.getLogger("largefr.train")
 
@@ -91,13 +94,27 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
     }
 
 
+def check_finite(parts: TrainParts, step: int) -> None:
+    """TrainingDiverged on every rank when any rank's parameters or buffers hold a NaN or an infinity."""
+    named = [*parts.model.named_parameters(), *parts.model.named_buffers(), ("head.weight", parts.head.weight)]
+    bad = nonfinite_tensors(named)
+    if any_rank(bool(bad), parts.ctx.group, parts.ctx.device):
+        where = f"rank {parts.ctx.rank}: {', '.join(bad[:4])}" if bad else "on another rank"
+        raise TrainingDiverged(f"parameters are not finite at step {step} ({where}); the checkpoint is not "
+                               "written. Lower optim.*.lr or use train.precision=fp32")
+
+
 def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
+    """Publish a checkpoint of this state; refused (TrainingDiverged) when any weight is not finite."""
     cfg = parts.cfg
     broadcast_buffers(parts.model, parts.ctx.group)  # replicated state must be equal on every rank
+    check_finite(parts, progress.step)
     return save_checkpoint(
         cfg.checkpoint_dir, progress.step, checkpoint_state(parts, loader, progress), parts.ctx,
         keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()},
-        meta={"num_classes": cfg.head.num_classes, "precision": cfg.train.precision},
+        # samples_consumed orders checkpoints of runs with different step sizes (e.g. resumed 1 -> 3 ranks)
+        meta={"num_classes": cfg.head.num_classes, "precision": cfg.train.precision,
+              "samples_consumed": loader.samples_consumed()},
         backbone_meta=exported_backbone_meta(cfg),
     )
 
@@ -106,11 +123,13 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     """Load ``path`` into the parts and the loader; returns the progress to continue from.
 
     At the world size of the save everything continues exactly. At another world size the W slices
-    are resharded, the loader position is rescaled by global samples consumed, and the head's sampling
-    RNG starts afresh. At another world size, batch size or grad_accum the step and the LR schedule
-    are re-derived from the data consumed (see the module doc).
+    are resharded, the rest of the epoch is the samples no saved rank has read (dealt to the new ranks),
+    and the head's sampling RNG starts afresh. At another world size, batch size or grad_accum the step
+    and the LR schedule are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
+    del state["loader"]  # read below with the keys the checkpoint has (older ones lack pool, step_offset)
+    every_rank = load_every_rank(path, "loader", parts.ctx)
     same_world = int(read_meta_json(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
     progress_state = loaded["progress"]
@@ -120,13 +139,8 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     if same_world and rng is not None and rng["rng"] is not None:
         generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
         parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
-    if same_world:
-        loader_state = loaded["loader"]
-        if loader_state is None:
-            raise RuntimeError(f"checkpoint {path} holds no loader state of rank {parts.ctx.rank}")
-    else:  # rank 0's saved position; the loader rescales it to this world size
-        loader_state = _broadcast_rank0_loader_state(parts, loaded["loader"])
-    loader.load_state_dict(loader_state)
+    loader_state = every_rank[parts.ctx.rank] if same_world else every_rank[0]
+    loader.load_rank_states(every_rank)  # exact at the same sizes; else the unread samples, dealt anew
     now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
     saved = _saved_step_size(Path(path), loader_state, now)
     if saved != now:
@@ -166,16 +180,11 @@ def _rederive_progress(parts: TrainParts, loader: FaceLoader, saved: Progress) -
     if int(position["epoch"]) == saved.epoch:  # else the loader's epoch ended; set_epoch starts the next
         batches = int(position["step"])
         in_epoch = batches // accum
-        if in_epoch * accum != batches:
-            step = in_epoch * accum
-            loader.load_state_dict({**position, "step": step, "position": step * loader.config.batch_size})
+        back = batches - in_epoch * accum
+        offset = int(position.get("step_offset", 0))
+        if back and batches - back >= offset:  # the pool of a resumed epoch starts at its offset: not before
+            step = batches - back
+            loader.load_state_dict({**position, "step": step, "position": (step - offset) * loader.config.batch_size})
     progress = Progress(saved.epoch * steps_per_epoch(loader, accum) + in_epoch, saved.epoch)
     parts.scheduler.load_state_dict({"last_step": progress.step})
     return progress
-
-
-def _broadcast_rank0_loader_state(parts: TrainParts, own: dict[str, Any] | None) -> dict[str, Any]:
-    rank0 = broadcast_object(own if parts.ctx.is_main else None, parts.ctx.group, src=0)
-    if rank0 is None:
-        raise RuntimeError("the checkpoint holds no loader state of rank 0")
-    return dict(rank0)
