@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from largefr.data.loader import build_loader
+from largefr.data.loader_factory import build_loader
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.shards import ShardWriter, shard_names
 from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, save_checkpoint

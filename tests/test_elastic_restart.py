@@ -17,7 +17,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from faults_common import CONFIG, REPO, tiny_run, write_dataset
 from largefr.config import load_config
-from largefr.train.checkpoint import latest_checkpoint, read_meta
+from largefr.train.checkpoint import latest_checkpoint
+from largefr.backbone_file import read_meta_json as read_meta
 from multirank import run_ranks
 
 TOTAL = 24

@@ -14,7 +14,8 @@ import pytest
 
 from faults_common import CONFIG, REPO, tiny_run, write_dataset
 from largefr.config import load_config
-from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, read_meta
+from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint
+from largefr.backbone_file import read_meta_json as read_meta
 from multirank import run_ranks
 
 TOTAL = 400  # far more steps than run before the signal lands
