@@ -1,0 +1,54 @@
+"""Stochastic rounding of fp32 values to bf16 / fp16 storage, seeded and deterministic.
+
+Round-to-nearest loses every update smaller than half an ulp of the stored value: a bf16 weight of
+magnitude 0.01 has an ulp of 2^-14 (6e-5), so SGD steps of lr * g ~ 1e-5 never change it. Stochastic
+rounding (Gupta et al. 2015, "Deep learning with limited numerical precision") rounds x up to the next
+representable value hi with probability (x - lo) / (hi - lo) and down to lo otherwise, so
+E[round(x)] = x and small updates accumulate in expectation.
+
+- bf16 is the top 16 bits of fp32: add 16 uniform random bits to the fp32 bit pattern and truncate the
+  low 16 (sign-magnitude, so the same holds for negative values; inf stays inf, NaN stays NaN).
+- fp16 (5 exponent bits, 10 mantissa bits): the spacing of fp16 at |x| is 2^(e - 11) for
+  x = m 2^e, m in [0.5, 1), and 2^-24 in the subnormal range; round floor(x / spacing + u) * spacing with
+  u ~ U[0, 1) in fp32 (the power-of-two division is exact; u keeps the 13 bits below |x / spacing| < 2^11,
+  a bias below 2^-13 ulp). Values beyond the fp16 range become +-inf, as with round-to-nearest.
+
+The random numbers come from the caller's torch.Generator, so a given seed gives the same result.
+"""
+from __future__ import annotations
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_FP16_MANTISSA_BITS = 11  # with the implicit bit
+_FP16_MIN_EXPONENT = -24  # spacing of the subnormals
+
+
+def round_stochastic(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is."""
+    if values.dtype != torch.float32:
+        raise TypeError(f"stochastic rounding reads fp32 values, got {values.dtype}")
+    if dtype == torch.float32:
+        return values
+    if dtype == torch.bfloat16:
+        return _round_bf16(values, generator)
+    if dtype == torch.float16:
+        return _round_fp16(values, generator)
+    raise ValueError(f"stochastic rounding targets {LOW_PRECISION} (or float32 for none), got {dtype}")
+
+
+def _round_bf16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, values.shape, generator=generator, device=values.device, dtype=torch.int32)
+    finite = torch.isfinite(values)
+    # adding below the kept bits carries into the mantissa (or exponent) with probability = the dropped fraction
+    rounded = torch.where(finite, bits + noise, bits).bitwise_and_(-65536)  # -65536 = 0xFFFF0000
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _round_fp16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    _, exponent = torch.frexp(values)
+    spacing = torch.ldexp(torch.ones_like(values), (exponent - _FP16_MANTISSA_BITS).clamp_min(_FP16_MIN_EXPONENT))
+    noise = torch.rand(values.shape, generator=generator, device=values.device)
+    rounded = torch.floor(values / spacing + noise).mul_(spacing)
+    return torch.where(torch.isfinite(values), rounded, values).to(torch.float16)
