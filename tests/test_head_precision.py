@@ -150,7 +150,7 @@ def _load(path: Path, head: PartialFC, opt: torch.optim.Optimizer, ctx: Any) -> 
 
     loaded = load_checkpoint(path, _head_state(head, opt), ctx)
     head.training_forwards = int(loaded["forwards"]["n"])
-    if loaded["rng"]["rng"] is not None:
+    if loaded["rng"] is not None and loaded["rng"]["rng"] is not None:
         rng = torch.frombuffer(bytearray(loaded["rng"]["rng"]), dtype=torch.uint8)
         head.set_extra_state({**head.get_extra_state(), "rng": rng})
 
@@ -211,3 +211,40 @@ def test_bad_weight_dtype_and_storage_device() -> None:
     with pytest.raises(ValueError, match="state_dtype"):
         head.optimizer("sgd", lr=0.1, momentum=0.9, state_dtype="int8")
     assert head.optimizer("sgd", lr=0.1, momentum=0.9).state[head.weight]["momentum_buffer"].dtype == torch.bfloat16
+
+
+def _fp32_to_bf16_and_back(ctx: Any, root: str) -> dict[str, Any]:
+    """Train an fp32 head one step and save; load into a bf16 head, save; load into an fp32 head."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("largefr.train").addHandler(handler)
+    heads = [PartialFC(ALL_MARGINS[6], DIM, NUM_CLASSES, 1.0, ctx.group, seed=SEED, weight_dtype=name) for name in ("fp32", "bf16", "fp32")]
+    opts = [head.optimizer("sgd", lr=0.3, momentum=0.9) for head in heads]
+    x_all, labels_all = _global_batch(ctx.world_size)
+    heads[0](x_all[ctx.rank * BATCH : (ctx.rank + 1) * BATCH], labels_all[ctx.rank * BATCH : (ctx.rank + 1) * BATCH]).backward()
+    opts[0].step()
+    path = _save(Path(root) / "fp32", heads[0], opts[0], ctx)
+    _load(path, heads[1], opts[1], ctx)
+    _load(_save(Path(root) / "bf16", heads[1], opts[1], ctx), heads[2], opts[2], ctx)
+    return dict(weights=[h.weight.detach().clone() for h in heads], messages=messages,
+                momenta=[o.state[h.weight]["momentum_buffer"].clone() for h, o in zip(heads, opts)])
+
+
+@pytest.mark.slow
+def test_fp32_checkpoint_loads_into_a_bf16_head_and_back_and_says_so(tmp_path: Path) -> None:
+    per_rank = run_ranks(_fp32_to_bf16_and_back, 2, str(tmp_path))
+    for rank, result in enumerate(per_rank):
+        (w32, w16, back), (m32, m16, m_back) = result["weights"], result["momenta"]
+        assert w16.dtype == m16.dtype == torch.bfloat16 and back.dtype == m_back.dtype == torch.float32
+        assert torch.equal(w16, w32.to(torch.bfloat16)) and torch.equal(m16, m32.to(torch.bfloat16))  # round to nearest
+        assert torch.equal(back, w16.float()) and torch.equal(m_back, m16.float())  # and back, exactly
+        if rank:
+            assert result["messages"] == []  # said once, by rank 0
+            continue
+        first, second = result["messages"]
+        assert "head.weight: torch.float32 -> torch.bfloat16 (rounded to nearest)" in first
+        assert "momentum_buffer: torch.float32 -> torch.bfloat16 (rounded to nearest)" in first
+        assert "head.weight: torch.bfloat16 -> torch.float32 (exactly)" in second
