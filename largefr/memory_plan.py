@@ -88,18 +88,18 @@ class MemoryPlan:
         return sum(self.host_terms.values())
 
 
-def sampled_rows(inp: PlanInput) -> int:
-    """Rows of the largest slice used per step: ceil(r*rows), or all positives if that is more."""
-    rows = _largest_slice(inp)
+def sampled_rows(inp: PlanInput, rank: int = 0) -> int:
+    """Rows of ``rank``'s slice (rank 0: the largest) used per step: ceil(r*rows), or all positives if that is more."""
+    rows = _slice_rows(inp, rank)
     size = num_sampled(inp.sample_rate, rows)
     if size < min(inp.batch_size * inp.world_size, rows):
         size = min(rows, inp.batch_size * inp.world_size)  # worst case: every positive distinct and here
     return size
 
 
-def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
-    """The head's per-step temporaries (largefr.heads.workspace slots) on the largest rank."""
-    k, d = sampled_rows(inp), inp.embedding_size
+def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
+    """The head's per-step temporaries (largefr.heads.workspace slots) on ``rank`` (0: the largest)."""
+    k, d = sampled_rows(inp, rank), inp.embedding_size
     n = inp.batch_size * inp.world_size
     single_chunk = inp.chunk_rows is None or inp.chunk_rows >= n
     terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
@@ -112,15 +112,16 @@ def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
     return terms
 
 
-def plan_memory(inp: PlanInput) -> MemoryPlan:
-    rows, d = _largest_slice(inp), inp.embedding_size
+def plan_memory(inp: PlanInput, rank: int = 0) -> MemoryPlan:
+    """Memory of ``rank`` (default 0, which holds the largest slice)."""
+    rows, d = _slice_rows(inp, rank), inp.embedding_size
     plan = MemoryPlan()
     stored = plan.host_terms if inp.storage == "host" else plan.terms
     stored["head: W slice"] = rows * d * DTYPE_BYTES[inp.weight_dtype]
     stored["head: optimizer state"] = OPTIMIZER_STATES[inp.head_optimizer] * rows * d * DTYPE_BYTES[inp.head_state_dtype]
-    plan.terms.update(head_workspace_bytes(inp))
-    block_rows = min(BLOCK_ROWS, sampled_rows(inp))
-    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * block_rows * d * 4
+    plan.terms.update(head_workspace_bytes(inp, rank))
+    # allocated once at full block size (rows, gradient, scratch, one per state), whatever the sample size
+    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * BLOCK_ROWS * d * 4
     if inp.backbone:
         _add_backbone(plan, inp)
     else:
@@ -129,7 +130,11 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
 
 
 def _largest_slice(inp: PlanInput) -> int:
-    start, stop = shard_range(inp.num_classes, inp.world_size, 0)
+    return _slice_rows(inp, 0)
+
+
+def _slice_rows(inp: PlanInput, rank: int) -> int:
+    start, stop = shard_range(inp.num_classes, inp.world_size, rank)
     return stop - start
 
 
@@ -266,13 +271,16 @@ def run(args: argparse.Namespace) -> int:
         args.num_classes = best
     if args.num_classes is None:
         raise SystemExit("give --num-classes, or --max-classes with --device-memory")
-    inp = input_from_args(args, args.num_classes)
-    if args.dry_run:
-        from largefr.plan_dry_run import run_dry
+    try:
+        inp = input_from_args(args, args.num_classes)
+        if args.dry_run:
+            from largefr.plan_dry_run import run_dry
 
-        run_dry(inp)
-        return 0
-    print_plan(inp, plan_memory(inp))
+            run_dry(inp)
+        else:
+            print_plan(inp, plan_memory(inp))
+    except ValueError as exc:  # a layout that cannot exist (e.g. fewer classes than ranks)
+        raise SystemExit(f"largefr plan: {exc}") from None
     return 0
 
 

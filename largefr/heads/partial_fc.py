@@ -35,7 +35,7 @@ from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
 from largefr.heads.row_optim import build_row_optimizer
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
-from largefr.heads.weight_store import WeightStore, resolve_device, resolve_dtype
+from largefr.heads.weight_store import WeightStore, resolve_device, resolve_dtype, seeded_generator
 from largefr.heads.workspace import Lease, Workspace
 from largefr.seeding import derive_seed
 
@@ -203,15 +203,14 @@ class PartialFC(nn.Module):
         self.sampled_class_ids = class_ids + start
         return ids, cols, rows, inv_norm, (lease,)
 
-    def _rng(self, device: torch.device) -> torch.Generator:
+    def _rng(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, "head_sampling", self.rank))
+            self._generator = seeded_generator(device, derive_seed(self.seed, "head_sampling", self.rank))
         return self._generator
 
-    def _eval_rng(self, device: torch.device) -> torch.Generator:
+    def _eval_rng(self, device: torch.device) -> torch.Generator | None:
         """Seeded by (seed, rank, training step): the same eval draw for the same model state."""
-        seed = derive_seed(self.seed, "head_eval_sampling", self.rank, self.training_forwards)
-        return torch.Generator(device=device).manual_seed(seed)
+        return seeded_generator(device, derive_seed(self.seed, "head_eval_sampling", self.rank, self.training_forwards))
 
     def _record_grad(
         self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],

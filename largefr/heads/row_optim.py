@@ -29,7 +29,7 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
-from largefr.heads.weight_store import WeightStore, resolve_dtype
+from largefr.heads.weight_store import WeightStore, resolve_dtype, seeded_generator
 
 
 UPDATE_BLOCK_ROWS = BLOCK_ROWS
@@ -136,18 +136,19 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 rows, in_place = store.read_rows(weight, ids, a, b, rows_buf[: b - a])
             grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])
             block_state = [store.read_rows(full, ids, a, b, out[: b - a]) for full, out in zip(buffers, state_bufs)]
-            self._update(rows, grad, [rows_state for rows_state, _ in block_state])
+            if not rows.is_meta:  # torch's update kernels have no meta version; in place, they allocate nothing
+                self._update(rows, grad, [rows_state for rows_state, _ in block_state])
             if not in_place:
                 store.write_rows(weight, ids, a, b, rows, rounding)
             for full, (rows_state, view) in zip(buffers, block_state):
                 if not view:
                     store.write_rows(full, ids, a, b, rows_state, rounding)
 
-    def _rounding_generator(self, device: torch.device) -> torch.Generator:
+    def _rounding_generator(self, device: torch.device) -> torch.Generator | None:
         """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""
         head = self.head
         entropy = np.random.SeedSequence([head.seed, head.rank, head.training_forwards, 0x5352]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator(device=device).manual_seed(int(entropy) & ((1 << 63) - 1))
+        return seeded_generator(device, int(entropy) & ((1 << 63) - 1))
 
     def _block_buffers(self, count: int, dim: int, device: torch.device) -> list[torch.Tensor]:
         """fp32 block buffers on the compute device (rows, gradient, scratch, one per state)."""

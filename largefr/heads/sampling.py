@@ -66,7 +66,7 @@ def sample_classes(
     owned: torch.Tensor,
     num_local: int,
     sample_rate: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted local row ids to use this step, and each label's column among them (-1 if not owned).
 

@@ -24,7 +24,7 @@ _FP16_MANTISSA_BITS = 11  # with the implicit bit
 _FP16_MIN_EXPONENT = -24  # spacing of the subnormals
 
 
-def round_stochastic(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+def round_stochastic(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
     """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is."""
     if values.dtype != torch.float32:
         raise TypeError(f"stochastic rounding reads fp32 values, got {values.dtype}")
@@ -37,7 +37,7 @@ def round_stochastic(values: torch.Tensor, dtype: torch.dtype, generator: torch.
     raise ValueError(f"stochastic rounding targets {LOW_PRECISION} (or float32 for none), got {dtype}")
 
 
-def _round_bf16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _round_bf16(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     bits = values.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, values.shape, generator=generator, device=values.device, dtype=torch.int32)
     finite = torch.isfinite(values)
@@ -46,7 +46,7 @@ def _round_bf16(values: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-def _round_fp16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _round_fp16(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     _, exponent = torch.frexp(values)
     spacing = torch.ldexp(torch.ones_like(values), (exponent - _FP16_MANTISSA_BITS).clamp_min(_FP16_MIN_EXPONENT))
     noise = torch.rand(values.shape, generator=generator, device=values.device)

@@ -40,6 +40,14 @@ def resolve_device(value: torch.device | str | None) -> torch.device | None:
     return device
 
 
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``; None on the meta device (its tensors hold no values,
+    and torch has no meta generator: the planner's dry run draws shapes only)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @dataclass(frozen=True)
 class WeightStore:
     """Storage policy of the head: ``dtype`` of W, ``device`` of W and its state (None: follow the module)."""
@@ -88,7 +96,7 @@ class WeightStore:
     ) -> None:
         """Write fp32 ``rows`` back to rows [a, b) of ``ids`` in ``full``, rounded to its dtype."""
         if full.dtype != torch.float32:
-            if generator is None:
+            if generator is None and full.device.type != "meta":
                 raise ValueError(f"writing rows to {full.dtype} storage needs a generator for stochastic rounding")
             rows = round_stochastic(rows, full.dtype, generator)
         if ids is None:
