@@ -142,10 +142,12 @@ def _add_backbone(plan: MemoryPlan, inp: PlanInput) -> None:
     from largefr.models import build_backbone
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_backbone(inp.backbone, inp.embedding_size).parameters())
+        model = build_backbone(inp.backbone, inp.embedding_size)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # e.g. iresnet's fixed BN1d scale
     plan.terms["backbone: parameters"] = params * 4
-    plan.terms["backbone: gradients"] = params * 4
-    plan.terms["backbone: optimizer state"] = OPTIMIZER_STATES[inp.backbone_optimizer] * params * 4
+    plan.terms["backbone: gradients"] = trainable * 4
+    plan.terms["backbone: optimizer state"] = OPTIMIZER_STATES[inp.backbone_optimizer] * trainable * 4
     per_sample, constant = saved_activation_bytes(inp.backbone, inp.embedding_size, inp.image_size, inp.precision)  # cached
     plan.terms["backbone: activations"] = per_sample * inp.batch_size
     if constant:

@@ -13,13 +13,15 @@ from largefr.plan_dry_run import dry_run, planned_terms
     [
         # 64 ranks x 100M classes (+37: uneven), bf16 W and momentum under bf16 autocast, head only
         PlanInput(100_000_037, 512, world_size=64, batch_size=128, sample_rate=0.1, precision="bf16", weight_dtype="bf16"),
-        # uneven small layout with a backbone, fp32 (the saved activations count exactly)
+        # uneven small layouts with a backbone, fp32 (the saved activations count exactly); iresnet has a frozen
+        # parameter (the BN1d scale): no gradient, no optimizer state
         PlanInput(1003, 64, world_size=3, batch_size=2, sample_rate=1.0, backbone="mobilefacenet"),
+        PlanInput(1003, 64, world_size=2, batch_size=2, sample_rate=1.0, backbone="iresnet18", backbone_optimizer="adamw"),
         # host-resident fp16 W with fp32 AdamW state, logits in chunks
         PlanInput(1001, 32, world_size=4, batch_size=3, sample_rate=0.5, head_optimizer="adamw", weight_dtype="fp16",
                   state_dtype="fp32", storage="host", chunk_rows=5),
     ],
-    ids=["64x100M-bf16", "3-ranks-backbone", "host-fp16-adamw-chunked"],
+    ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked"],
 )
 def test_dry_run_bytes_equal_the_planner_terms(inp: PlanInput) -> None:
     results = dry_run(inp)
