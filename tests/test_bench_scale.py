@@ -26,6 +26,7 @@ def test_sweep_writes_results_and_plots(tmp_path: Path) -> None:
         assert row["planned_mb"] == pytest.approx((device + host) / 2**20)
         assert host == 2 * row["num_classes"] * 16 * 2  # bf16 W + bf16 momentum in the host store
         assert row["sampled_rows_per_rank"] == row["num_classes"] // 2
-        assert row["peak_mb"] > 0 and row["step_ms"] > 0 and row["fp32_floor_ms"] > 0
+        # ru_maxrss is a high-water mark: a head this small may stay under the start-up peak (reads 0)
+        assert row["peak_mb"] >= 0 and row["step_ms"] > 0 and row["fp32_floor_ms"] > 0
     for name in ("memory_vs_classes.png", "step_vs_sampled_rows.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

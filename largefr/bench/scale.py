@@ -7,8 +7,8 @@ between points; the processes exit before the next point starts). Each rank buil
 timed steps (forward + backward + row-sparse SGD-momentum step on random embeddings, uniform labels),
 and records:
 - peak memory: peak RSS on CPU (ru_maxrss, taken before the floor's own buffers exist) minus the RSS of
-  the process before the head was built (interpreter, torch, process group); ``max_memory_allocated`` on
-  an accelerator;
+  the process before the head was built (interpreter, torch, process group; RSS is a high-water mark, so a
+  head smaller than the start-up peak reads 0); ``max_memory_allocated`` on an accelerator;
 - the planner's prediction for the same layout (largefr.memory_plan, head only), device + host terms;
 - the step time and the fp32 GEMM floor of that step's shapes, timed alternately in the same run.
 Writes ``results.csv`` and ``results.json`` to ``--out`` and draws the PNG plots (largefr.bench.scale_plots).
@@ -87,9 +87,9 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
         step()
     peak = _memory_now(ctx.device) - baseline
     sampled = head.sampled_class_ids.numel()
-    floor = _GemmFloor(point.batch_size * ctx.world_size, sampled, point.embedding_size, None)  # fp32 floor
+    floor = _GemmFloor(point.batch_size * ctx.world_size, sampled, point.embedding_size, None, ctx.device)  # fp32 floor
     floor()
-    steps, floors = zip(*[(_timed(step, ctx.group), _timed(floor, ctx.group)) for _ in range(point.steps)])
+    steps, floors = zip(*[(_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device)) for _ in range(point.steps)])
     return RankMeasure(baseline, peak, statistics.median(steps), statistics.median(floors),
                        statistics.median(a / b for a, b in zip(steps, floors)), sampled)
 

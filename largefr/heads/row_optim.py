@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from largefr.seeding import derive_seed
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
 from largefr.heads.weight_store import WeightStore, resolve_dtype, seeded_generator
 
@@ -147,8 +147,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _rounding_generator(self, device: torch.device) -> torch.Generator | None:
         """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""
         head = self.head
-        entropy = np.random.SeedSequence([head.seed, head.rank, head.training_forwards, 0x5352]).generate_state(1, dtype=np.uint64)[0]
-        return seeded_generator(device, int(entropy) & ((1 << 63) - 1))
+        return seeded_generator(device, derive_seed(head.seed, "head_rounding", head.rank, head.training_forwards))
 
     def _block_buffers(self, count: int, dim: int, device: torch.device) -> list[torch.Tensor]:
         """fp32 block buffers on the compute device (rows, gradient, scratch, one per state)."""
