@@ -26,13 +26,13 @@ def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_stochastic_rounding_is_unbiased_representable_and_seeded(name: str) -> None:
     dtype = DTYPES[name]
-    x = torch.randn(4096) * torch.logspace(-6, 3, 4096)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(2)) * torch.logspace(-6, 3, 4096)
     gen = torch.Generator().manual_seed(3)
     draws = torch.stack([round_stochastic(x, dtype, gen).float() for _ in range(400)])
     lo_hi = (draws - x).abs() <= _ulp(x, dtype)  # always one of the two neighbours
     assert lo_hi.all()
-    # mean of 400 draws: within 4 standard errors (<= ulp/2 / sqrt(400)) of x
-    assert ((draws.mean(0) - x).abs() <= 4 * 0.5 * _ulp(x, dtype) / 20).all()
+    # mean of 400 draws: within 6 standard errors (each <= ulp/2 / sqrt(400)) of x, for all 4096 values
+    assert ((draws.mean(0) - x).abs() <= 6 * 0.5 * _ulp(x, dtype) / 20).all()
     again = round_stochastic(x, dtype, torch.Generator().manual_seed(3))
     assert torch.equal(again.float(), draws[0])
     special = torch.tensor([float("inf"), float("-inf"), 0.0])
