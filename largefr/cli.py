@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("largefr.eval.cli", "verification .bin sets: 10-fold accuracy, TAR@FAR, ROC plots"),
     "export": ("largefr.eval.export", "export a checkpoint's backbone (onnx)"),
     "train": ("largefr.train.cli", "train a backbone with a Partial FC head (single process or torchrun)"),
-    "plan": ("largefr.memory_plan", "memory per rank of a configuration (head slice, optimizer, workspace, backbone)"),
+    "plan": ("largefr.plan_cli", "memory per rank of a configuration (head slice, optimizer, workspace, backbone)"),
 }
 
 

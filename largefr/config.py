@@ -76,6 +76,10 @@ class HeadConfig(Section):
     num_classes: int | None = _f(None, POSITIVE, "identities; null: read from the dataset manifest")
     chunk_rows: int | None = _f(None, POSITIVE, "logits rows held at once (recomputed in backward); "
                                 "null: the whole global batch")
+    weight_dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", help="storage of the W slice; 16 bits: updates "
+                                                         "written back with stochastic rounding")
+    storage_device: str | None = _f(None, help="where W and its optimizer state live, e.g. cpu (host memory, pinned "
+                                          "for GPU steps); null: on the training device")
 
 
 @dataclass
@@ -86,6 +90,8 @@ class OptimizerConfig(Section):
     weight_decay: float = _f(5e-4, NON_NEGATIVE, "L2 (sgd) or decoupled (adamw) weight decay")
     betas: tuple[float, float] = _f((0.9, 0.999), BETAS, "adamw only")
     eps: float = _f(1e-8, POSITIVE, "adamw only")
+    state_dtype: Literal["fp32", "bf16", "fp16"] | None = _f(None, help="head only: momentum / Adam moments storage; "
+                                                             "null: the W dtype")
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments of the chosen optimizer, for torch.optim.SGD/AdamW and the head's row-sparse ones."""

@@ -1,7 +1,7 @@
 """Memory planner: bytes per rank of a training configuration, before any of it is allocated.
 
 Head terms follow the head's own buffers (largefr.heads): the W slice and its optimizer state on the
-largest rank, the sampled rows gathered for the GEMMs, their gradient, the logits buffer (bounded by
+largest rank (in their storage dtypes; in host memory when ``storage="host"``), the sampled rows gathered for the GEMMs, their gradient, the logits buffer (bounded by
 ``chunk_rows``) and, under autocast, the low-precision copy of the rows. Backbone terms count parameters on
 the meta device (no memory), their gradients and optimizer state, and activations saved for backward,
 measured by running one 112x112 sample through the backbone with saved-tensor hooks.
@@ -9,7 +9,10 @@ measured by running one 112x112 sample through the backbone with saved-tensor ho
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +22,9 @@ from largefr.heads.row_grad import BLOCK_ROWS
 from largefr.heads.sampling import num_sampled, shard_range
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Storage = Literal["device", "host"]
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,18 @@ class PlanInput:
     backbone: str | None = None
     backbone_optimizer: str = "sgd"
     image_size: int = 112
+    weight_dtype: Precision = "fp32"  # storage of the W slice
+    state_dtype: Precision | None = None  # head optimizer state; None: weight_dtype
+    storage: Storage = "device"  # "host": W and its state in host memory, only sampled rows on the device
+
+    @property
+    def head_state_dtype(self) -> Precision:
+        return self.state_dtype or self.weight_dtype
+
+    @property
+    def direct(self) -> bool:
+        """W is used in place (fp32, on the device): nothing is gathered at r = 1."""
+        return self.weight_dtype == "fp32" and self.storage == "device"
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "embedding_size", "world_size", "batch_size", "image_size"):
@@ -48,36 +65,45 @@ class PlanInput:
                 raise ValueError(f"{name} must be one of {sorted(OPTIMIZER_STATES)}, got {getattr(self, name)!r}")
         if self.chunk_rows is not None and not (isinstance(self.chunk_rows, int) and self.chunk_rows > 0):
             raise ValueError(f"chunk_rows must be a positive int or None, got {self.chunk_rows!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("precision", "weight_dtype", "state_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPE_BYTES and not (name == "state_dtype" and value is None):
+                raise ValueError(f"{name} must be fp32, bf16 or fp16, got {value!r}")
+        if self.storage not in ("device", "host"):
+            raise ValueError(f"storage must be 'device' or 'host', got {self.storage!r}")
 
 
 @dataclass
 class MemoryPlan:
-    terms: dict[str, int] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)  # device memory per rank
+    host_terms: dict[str, int] = field(default_factory=dict)  # host memory per rank (host-resident W)
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.terms.values())
 
+    @property
+    def host_total(self) -> int:
+        return sum(self.host_terms.values())
 
-def sampled_rows(inp: PlanInput) -> int:
-    """Rows of the largest slice used per step: ceil(r*rows), or all positives if that is more."""
-    rows = _largest_slice(inp)
+
+def sampled_rows(inp: PlanInput, rank: int = 0) -> int:
+    """Rows of ``rank``'s slice (rank 0: the largest) used per step: ceil(r*rows), or all positives if that is more."""
+    rows = _slice_rows(inp, rank)
     size = num_sampled(inp.sample_rate, rows)
     if size < min(inp.batch_size * inp.world_size, rows):
         size = min(rows, inp.batch_size * inp.world_size)  # worst case: every positive distinct and here
     return size
 
 
-def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
-    """The head's per-step temporaries (largefr.heads.workspace slots) on the largest rank."""
-    k, d = sampled_rows(inp), inp.embedding_size
+def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
+    """The head's per-step temporaries (largefr.heads.workspace slots) on ``rank`` (0: the largest)."""
+    k, d = sampled_rows(inp, rank), inp.embedding_size
     n = inp.batch_size * inp.world_size
     single_chunk = inp.chunk_rows is None or inp.chunk_rows >= n
     terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
-    if inp.sample_rate < 1.0:
+    if inp.sample_rate < 1.0 or not inp.direct:  # fp32 compute rows gathered from the store
         terms["head: gathered sampled rows"] = k * d * 4
     if not single_chunk:  # one chunk: the gradient stays factored (logits buffer x embeddings)
         terms["head: sampled-row gradient"] = k * d * 4
@@ -86,14 +112,16 @@ def head_workspace_bytes(inp: PlanInput) -> dict[str, int]:
     return terms
 
 
-def plan_memory(inp: PlanInput) -> MemoryPlan:
-    rows, d = _largest_slice(inp), inp.embedding_size
+def plan_memory(inp: PlanInput, rank: int = 0) -> MemoryPlan:
+    """Memory of ``rank`` (default 0, which holds the largest slice)."""
+    rows, d = _slice_rows(inp, rank), inp.embedding_size
     plan = MemoryPlan()
-    plan.terms["head: W slice"] = rows * d * 4
-    plan.terms["head: optimizer state"] = OPTIMIZER_STATES[inp.head_optimizer] * rows * d * 4
-    plan.terms.update(head_workspace_bytes(inp))
-    block_rows = min(BLOCK_ROWS, sampled_rows(inp))
-    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * block_rows * d * 4
+    stored = plan.host_terms if inp.storage == "host" else plan.terms
+    stored["head: W slice"] = rows * d * DTYPE_BYTES[inp.weight_dtype]
+    stored["head: optimizer state"] = OPTIMIZER_STATES[inp.head_optimizer] * rows * d * DTYPE_BYTES[inp.head_state_dtype]
+    plan.terms.update(head_workspace_bytes(inp, rank))
+    # allocated once at full block size (rows, gradient, scratch, one per state), whatever the sample size
+    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * BLOCK_ROWS * d * 4
     if inp.backbone:
         _add_backbone(plan, inp)
     else:
@@ -101,8 +129,12 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     return plan
 
 
-def _largest_slice(inp: PlanInput) -> int:
-    start, stop = shard_range(inp.num_classes, inp.world_size, 0)
+def largest_slice(inp: PlanInput) -> int:
+    return _slice_rows(inp, 0)
+
+
+def _slice_rows(inp: PlanInput, rank: int) -> int:
+    start, stop = shard_range(inp.num_classes, inp.world_size, rank)
     return stop - start
 
 
@@ -110,17 +142,20 @@ def _add_backbone(plan: MemoryPlan, inp: PlanInput) -> None:
     from largefr.models import build_backbone
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_backbone(inp.backbone, inp.embedding_size).parameters())
+        model = build_backbone(inp.backbone, inp.embedding_size)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # e.g. iresnet's fixed BN1d scale
     plan.terms["backbone: parameters"] = params * 4
-    plan.terms["backbone: gradients"] = params * 4
-    plan.terms["backbone: optimizer state"] = OPTIMIZER_STATES[inp.backbone_optimizer] * params * 4
-    per_sample, constant = saved_activation_bytes(inp.backbone, inp.embedding_size, inp.image_size, inp.precision)
+    plan.terms["backbone: gradients"] = trainable * 4
+    plan.terms["backbone: optimizer state"] = OPTIMIZER_STATES[inp.backbone_optimizer] * trainable * 4
+    per_sample, constant = saved_activation_bytes(inp.backbone, inp.embedding_size, inp.image_size, inp.precision)  # cached
     plan.terms["backbone: activations"] = per_sample * inp.batch_size
     if constant:
         plan.terms["backbone: batch-independent saved tensors"] = constant
     plan.notes.append(f"activations measured at two batch sizes: {per_sample / 2**20:.1f} MiB per sample saved for backward")
 
 
+@functools.lru_cache(maxsize=None)
 def saved_activation_bytes(name: str, embedding_size: int, image_size: int, precision: Precision) -> tuple[int, int]:
     """(bytes per image, batch-independent bytes) that autograd saves for backward, not counting the
     parameters themselves (run on CPU, counted by saved-tensor hooks at batch 2 and 4; the part that
@@ -153,31 +188,42 @@ def _saved_bytes(name: str, embedding_size: int, image_size: int, precision: Pre
     return sum(seen.values())
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-classes", type=int, required=True)
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=128, help="per rank")
-    parser.add_argument("--sample-rate", type=float, default=1.0)
-    parser.add_argument("--head-optimizer", choices=sorted(OPTIMIZER_STATES), default="sgd")
-    parser.add_argument("--backbone-optimizer", choices=sorted(OPTIMIZER_STATES), default="sgd")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--chunk-rows", type=int, default=None)
-    parser.add_argument("--backbone", default=None, help="e.g. iresnet100 (adds parameters and activations)")
+def max_classes(inp: PlanInput, device_bytes: int, host_bytes: int | None = None) -> int:
+    """The largest class count whose plan fits ``device_bytes`` per rank (and ``host_bytes`` of host
+    memory per rank when W is host-resident); every other field of ``inp`` is kept. Bisection: the
+    plan grows with the class count."""
+    def fits(num_classes: int) -> bool:
+        plan = plan_memory(dataclasses.replace(inp, num_classes=num_classes))
+        return plan.total <= device_bytes and (host_bytes is None or plan.host_total <= host_bytes)
+
+    low = inp.world_size  # every rank owns a class
+    if not fits(low):
+        need = plan_memory(dataclasses.replace(inp, num_classes=low)).total
+        raise ValueError(
+            f"device memory {format_bytes(device_bytes)} fits no layout: {inp.world_size} classes on {inp.world_size} ranks "
+            f"already need {format_bytes(need)} per rank (expected at least that much)"
+        )
+    high = low * 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
-def run(args: argparse.Namespace) -> int:
-    inp = PlanInput(
-        args.num_classes, args.embedding_size, args.world_size, args.batch_size, args.sample_rate,
-        args.head_optimizer, args.precision, args.chunk_rows, args.backbone, args.backbone_optimizer,
-    )
-    plan = plan_memory(inp)
-    width = max(len(k) for k in plan.terms)
-    print(f"per-rank memory, {inp.num_classes:,} classes on {inp.world_size} ranks "
-          f"({_largest_slice(inp):,} rows on the largest), {sampled_rows(inp):,} sampled rows per step")
-    for name, size in plan.terms.items():
-        print(f"  {name.ljust(width)}  {size / 2**30:9.3f} GiB")
-    print(f"  {'total'.ljust(width)}  {plan.total / 2**30:9.3f} GiB")
-    for note in plan.notes:
-        print(f"  note: {note}")
-    return 0
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'32GiB', '2TB', '512MiB' or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"memory size {text!r}: expected a positive number with a unit such as 32GiB, 2TB, 512MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(size: int) -> str:
+    return f"{size / 2**30:.3f} GiB"

@@ -1,6 +1,8 @@
 """The memory planner's head terms equal the bytes the head actually allocates."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,14 +11,22 @@ from largefr.memory_plan import PlanInput, head_workspace_bytes, plan_memory, sa
 
 
 @pytest.mark.parametrize(
-    "rate, precision, chunk", [(1.0, "fp32", None), (0.5, "fp32", None), (0.3, "bf16", 3), (0.05, "fp32", None)]
+    "rate, precision, chunk, weight_dtype, state_dtype, storage",
+    [(1.0, "fp32", None, "fp32", None, "device"), (0.5, "fp32", None, "fp32", None, "device"),
+     (0.3, "bf16", 3, "fp32", None, "device"), (0.05, "fp32", None, "fp32", None, "device"),
+     (1.0, "fp32", None, "bf16", None, "device"), (0.5, "bf16", None, "fp16", "fp32", "host"),
+     (1.0, "fp32", 5, "fp32", "bf16", "host")],
 )
-def test_head_terms_match_allocations(rate: float, precision: str, chunk: int | None) -> None:
+def test_head_terms_match_allocations(
+    rate: float, precision: str, chunk: int | None, weight_dtype: str, state_dtype: str | None, storage: str
+) -> None:
     num_classes, dim, batch = 40, 8, 8
     inp = PlanInput(num_classes, dim, world_size=1, batch_size=batch, sample_rate=rate, precision=precision,
-                    chunk_rows=chunk, head_optimizer="adamw")
-    head = PartialFC(margins.CosFace(scale=8.0), dim, num_classes, rate, chunk_rows=chunk)
-    opt = head.optimizer("adamw", lr=1e-3)
+                    chunk_rows=chunk, head_optimizer="adamw", weight_dtype=weight_dtype, state_dtype=state_dtype,
+                    storage=storage)
+    head = PartialFC(margins.CosFace(scale=8.0), dim, num_classes, rate, chunk_rows=chunk, weight_dtype=weight_dtype,
+                     storage_device="cpu" if storage == "host" else None)
+    opt = head.optimizer("adamw", lr=1e-3, state_dtype=state_dtype)
     labels = torch.arange(batch) * 5  # distinct positives: the planner's worst case for small r
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = head(torch.randn(batch, dim), labels)
@@ -24,9 +34,11 @@ def test_head_terms_match_allocations(rate: float, precision: str, chunk: int | 
     opt.step()
     plan = plan_memory(inp)
     assert head.sampled_class_ids.numel() == sampled_rows(inp)
-    assert plan.terms["head: W slice"] == head.weight.numel() * 4
+    stored = plan.host_terms if storage == "host" else plan.terms
+    assert (plan.host_terms == {}) == (storage == "device")
+    assert stored["head: W slice"] == head.weight.nbytes
     state = opt.state[head.weight]
-    assert plan.terms["head: optimizer state"] == sum(t.nbytes for t in state.values() if t.dim() > 0)
+    assert stored["head: optimizer state"] == sum(t.nbytes for t in state.values() if t.dim() > 0)
     assert sum(head_workspace_bytes(inp).values()) == head._workspace.nbytes()
 
 
@@ -44,6 +56,29 @@ def test_backbone_terms_and_errors() -> None:
         PlanInput(10, sample_rate=2.0)
     with pytest.raises(ValueError, match="head_optimizer"):
         PlanInput(10, head_optimizer="lamb")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        PlanInput(10, weight_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="storage"):
+        PlanInput(10, storage="disk")  # type: ignore[arg-type]
+
+
+def test_max_classes_is_the_boundary_and_no_fit_is_an_error() -> None:
+    from largefr.memory_plan import max_classes, parse_bytes
+
+    base = PlanInput(8, 64, world_size=3, batch_size=4, sample_rate=0.1, weight_dtype="bf16", storage="host")
+    budget = parse_bytes("64MiB")
+    best = max_classes(base, budget, host_bytes=parse_bytes("1GiB"))
+    assert plan_memory(replace(base, num_classes=best)).total <= budget < plan_memory(replace(base, num_classes=best + 3)).total
+    device_only = replace(base, storage="device")
+    best_device = max_classes(device_only, budget)
+    assert best_device < best and plan_memory(replace(device_only, num_classes=best_device + 1)).total > budget
+    host_bound = max_classes(base, budget, host_bytes=parse_bytes("1MiB"))  # now the host memory binds
+    assert plan_memory(replace(base, num_classes=host_bound)).host_total <= 2**20 < plan_memory(replace(base, num_classes=host_bound + 1)).host_total
+    with pytest.raises(ValueError, match="fits no layout"):
+        max_classes(base, 1000)
+    with pytest.raises(Exception, match="32 gigs"):
+        parse_bytes("32 gigs")
+    assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("2TB") == 2 * 10**12
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

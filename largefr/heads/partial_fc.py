@@ -35,6 +35,7 @@ from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
 from largefr.heads.row_optim import build_row_optimizer
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
+from largefr.heads.weight_store import WeightStore, resolve_device, resolve_dtype, seeded_generator
 from largefr.heads.workspace import Lease, Workspace
 from largefr.seeding import derive_seed
 
@@ -56,6 +57,12 @@ class PartialFC(nn.Module):
         validate: each step, check that every rank brings the same batch size (a tiny all-gather), and
             the label range and finiteness of the gathered batch (host syncs). Without it, unequal batch
             sizes fail inside the collective. Shape and dtype checks always run.
+        weight_dtype: storage dtype of the W slice (torch.float32, bfloat16 or float16, or "fp32"/"bf16"/"fp16").
+            Rows are computed on in fp32 and written back by the optimizer with stochastic rounding.
+        storage_device: where W (and its optimizer state) lives, e.g. "cpu" for host-resident weights
+            while the module (the compute device) is moved elsewhere with ``.to()``; pinned when the compute
+            device is an accelerator. Only the sampled rows travel (largefr.heads.weight_store). None: W
+            lives on the module's device.
 
     ``head.training_forwards`` counts training-mode forwards (micro-batches under gradient accumulation); margins
     that anneal (SphereFace's lambda) follow it.
@@ -71,6 +78,8 @@ class PartialFC(nn.Module):
         seed: int = 0,
         chunk_rows: int | None = None,
         validate: bool = True,
+        weight_dtype: torch.dtype | str = torch.float32,
+        storage_device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         _check_args(margin, embedding_size, num_classes, sample_rate, chunk_rows)
@@ -82,7 +91,11 @@ class PartialFC(nn.Module):
         self.class_range: tuple[int, int] = (start, stop)
         self.sub_centers = margin.num_sub_centers  # S rows of W per class, consecutive
         rows = self.row_range
-        self.weight = nn.Parameter(init_weight_rows(rows[0], rows[1], embedding_size, seed), requires_grad=False)
+        self.store = WeightStore(resolve_dtype(weight_dtype, "weight_dtype"), resolve_device(storage_device))
+        initial = init_weight_rows(rows[0], rows[1], embedding_size, seed, self.store.dtype)
+        if self.store.device is not None:
+            initial = initial.to(self.store.device)
+        self.weight = nn.Parameter(initial, requires_grad=False)
         for name, value in state_buffers(margin).items():  # EMAs: identical on every rank, checkpointed
             self.register_buffer(name, value)
         # a 0-size leaf that makes the loss require grad, so backward runs even for frozen embeddings
@@ -92,6 +105,23 @@ class PartialFC(nn.Module):
         self._generator: torch.Generator | None = None
         self._pending: list[SparseRowGrad] = []
         self._workspace = Workspace()
+
+    @property
+    def compute_device(self) -> torch.device:
+        """The device the step runs on (the module's device; W's own when it is not stored separately)."""
+        return self.grad_anchor.device
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "PartialFC":
+        # .to()/.cuda() move the module (the compute device) but not separately stored weights
+        if not self.store.separate:
+            return super()._apply(fn, recurse)
+        weight = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        self.weight.data = self.store.pin(self.weight.data, self.compute_device)
+        return self
 
     @property
     def num_local_classes(self) -> int:
@@ -147,20 +177,25 @@ class PartialFC(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[Lease, ...]]:
         """(local W row ids or None for all, label columns, W rows [S*K, D], 1/||row|| or None, buffer leases)."""
         start = self.class_range[0]
-        weight = self.weight.detach()
-        if self.sample_rate >= 1.0:
-            self.sampled_class_ids = torch.arange(start, self.class_range[1], device=weight.device)
+        weight, device = self.weight.detach(), self.compute_device
+        direct = self.store.is_direct(weight, device)
+        if self.sample_rate >= 1.0 and direct:
+            self.sampled_class_ids = torch.arange(start, self.class_range[1], device=device)
             return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, None, ()
-        # in eval mode the draw comes from a generator of its own: evaluating never shifts the training draws
-        rng = self._rng(weight.device) if self.training else self._eval_rng(weight.device)
-        class_ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
+        if self.sample_rate >= 1.0:  # every row, gathered from the store into fp32 compute rows
+            class_ids = torch.arange(self.num_local_classes, device=device)
+            cols = torch.where(owned, local_labels, torch.full_like(local_labels, -1))
+        else:
+            # in eval mode the draw comes from a generator of its own: evaluating never shifts the training draws
+            rng = self._rng(device) if self.training else self._eval_rng(device)
+            class_ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
         ids = expand_sub_center_rows(class_ids, self.sub_centers)  # Partial FC samples classes, not sub-centres
-        rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), weight.dtype, weight.device)
-        inv_norm = torch.empty(ids.numel(), device=weight.device) if self.margin.normalize_weight else None
+        rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), torch.float32, device)
+        inv_norm = torch.empty(ids.numel(), device=device) if self.margin.normalize_weight else None
         # gather in blocks so each block's norms are taken while it is still in cache
         for a in range(0, ids.numel(), BLOCK_ROWS):
             block = rows[a : a + BLOCK_ROWS]
-            torch.index_select(weight, 0, ids[a : a + BLOCK_ROWS], out=block)
+            self.store.read_rows(weight, ids, a, a + BLOCK_ROWS, block)
             if inv_norm is not None:
                 torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + BLOCK_ROWS])
         if inv_norm is not None:
@@ -168,15 +203,14 @@ class PartialFC(nn.Module):
         self.sampled_class_ids = class_ids + start
         return ids, cols, rows, inv_norm, (lease,)
 
-    def _rng(self, device: torch.device) -> torch.Generator:
+    def _rng(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, "head_sampling", self.rank))
+            self._generator = seeded_generator(device, derive_seed(self.seed, "head_sampling", self.rank))
         return self._generator
 
-    def _eval_rng(self, device: torch.device) -> torch.Generator:
+    def _eval_rng(self, device: torch.device) -> torch.Generator | None:
         """Seeded by (seed, rank, training step): the same eval draw for the same model state."""
-        seed = derive_seed(self.seed, "head_eval_sampling", self.rank, self.training_forwards)
-        return torch.Generator(device=device).manual_seed(seed)
+        return seeded_generator(device, derive_seed(self.seed, "head_eval_sampling", self.rank, self.training_forwards))
 
     def _record_grad(
         self, ids: torch.Tensor | None, rows: torch.Tensor | None, leases: tuple[Lease, ...],
@@ -230,7 +264,7 @@ class PartialFC(nn.Module):
             )
         self.training_forwards = int(state.get("training_forwards", state.get("step", 0)))
         if state.get("rng") is not None:
-            self._rng(self.weight.device).set_state(state["rng"])
+            self._rng(self.compute_device).set_state(state["rng"])
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or embeddings.shape[0] == 0:
@@ -241,16 +275,17 @@ class PartialFC(nn.Module):
             raise ValueError(f"labels must be [B={embeddings.shape[0]}], got {list(labels.shape)}")
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be int64 (or int32) class ids, got {labels.dtype}")
-        if embeddings.device != self.weight.device or labels.device != self.weight.device:
+        if embeddings.device != self.compute_device or labels.device != self.compute_device:
             raise ValueError(
                 f"embeddings ({embeddings.device}) and labels ({labels.device}) must be on the head's "
-                f"device {self.weight.device}"
+                f"compute device {self.compute_device}"
             )
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-            f"class_range={self.class_range}, sample_rate={self.sample_rate}, world_size={self.world_size}"
+            f"class_range={self.class_range}, sample_rate={self.sample_rate}, world_size={self.world_size}, "
+            f"weight_dtype={self.store.dtype}, storage_device={self.store.device}"
         )
 
 

@@ -57,7 +57,8 @@ class SparseRowGrad:
         """Form the whole gradient (for inspection, loss scaling or merging)."""
         if self.grad is not None:
             return
-        grad = torch.empty(self.num_rows, weight.shape[1], dtype=torch.float32, device=weight.device)
+        device = self.rows.device if self.rows is not None else weight.device  # the compute device
+        grad = torch.empty(self.num_rows, weight.shape[1], dtype=torch.float32, device=device)
         for a in range(0, self.num_rows, BLOCK_ROWS):
             b = min(a + BLOCK_ROWS, self.num_rows)
             self.grad_block(a, b, self.weight_rows(weight, a, b), grad[a:b])
@@ -73,7 +74,7 @@ def merge_row_grads(grads: list[SparseRowGrad], weight: torch.Tensor) -> SparseR
         for g in grads[1:]:
             total.add_(g.grad)  # type: ignore[arg-type]
         return SparseRowGrad(None, None, grad=total)
-    device = weight.device
+    device = grads[0].grad.device  # type: ignore[union-attr]
     ids = torch.cat([g.ids if g.ids is not None else torch.arange(weight.shape[0], device=device) for g in grads])
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
     total = torch.zeros(unique_ids.numel(), weight.shape[1], device=device)

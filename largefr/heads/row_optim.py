@@ -10,6 +10,12 @@ their stale momentum. For SGD with r = 1 this is exactly torch.optim.SGD. AdamW 
 step count for the bias correction of every row (like torch.optim.SparseAdam), so a row first
 sampled at step t is corrected as if it had been seen since step 1.
 
+State may be stored in 16 bits (``state_dtype``, default: W's dtype) and W itself in 16 bits or on
+another device (the head's largefr.heads.weight_store.WeightStore): each block's rows and state are
+gathered into fp32 buffers on the compute device, updated there by the fused kernels, and written back
+with stochastic rounding (largefr.heads.stochastic_round) from a generator seeded by (head seed, rank,
+the head's forward count), so a run is deterministic for its seed and world size and resumes exactly.
+
 Both are torch.optim.Optimizer subclasses over [head.weight], so LR schedulers, ``state_dict()`` and
 ``load_state_dict()`` work as usual; ``zero_grad()`` clears the head's row-gradient record.
 """
@@ -21,7 +27,9 @@ import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from largefr.seeding import derive_seed
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
+from largefr.heads.weight_store import WeightStore, resolve_dtype, seeded_generator
 
 
 UPDATE_BLOCK_ROWS = BLOCK_ROWS
@@ -29,9 +37,18 @@ UPDATE_BLOCK_ROWS = BLOCK_ROWS
 
 @runtime_checkable
 class RowGradSource(Protocol):
-    """What a row-sparse optimizer steps (e.g. PartialFC): a weight matrix and its pending row gradient."""
+    """What a row-sparse optimizer steps (e.g. PartialFC): a weight matrix and its pending row gradient, where
+    W is stored (``store``) and computed on (``compute_device``), and what seeds the rounding stream."""
 
     weight: torch.nn.Parameter
+    store: WeightStore
+    seed: int
+    rank: int
+    training_forwards: int
+
+    @property
+    def compute_device(self) -> torch.device:
+        ...
 
     def take_row_grad(self) -> SparseRowGrad | None:
         """The gradient recorded since the last zero_grad, handed over (the record is emptied)."""
@@ -48,16 +65,34 @@ def _fused_ok(device: torch.device) -> bool:
 class _RowSparseOptimizer(torch.optim.Optimizer):
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, head: RowGradSource, defaults: dict[str, Any]) -> None:
+    def __init__(self, head: RowGradSource, defaults: dict[str, Any], state_dtype: torch.dtype | str | None = None) -> None:
         if not isinstance(head, RowGradSource):
             raise TypeError(
-                f"a row-sparse optimizer needs a head with weight, take_row_grad() and zero_grad() "
-                f"(e.g. PartialFC), got {type(head).__name__}"
+                f"a row-sparse optimizer needs a head with weight, store, compute_device, take_row_grad() and "
+                f"zero_grad() (e.g. PartialFC), got {type(head).__name__}"
             )
         self.head = head
+        self.state_dtype = resolve_dtype(state_dtype, "state_dtype", default=head.weight.dtype)
         super().__init__([head.weight], defaults)
-        weight = head.weight
-        self.state[weight] = {name: torch.zeros_like(weight) for name in self._active_state_names()}
+        self.state[head.weight] = {name: self._new_state() for name in self._active_state_names()}
+
+    def _new_state(self, value: torch.Tensor | None = None) -> torch.Tensor:
+        """A slice-sized state tensor in ``state_dtype`` where W is stored (zeros, or ``value`` converted)."""
+        weight = self.head.weight.detach()
+        out = self.head.store.allocate(weight, self.state_dtype, self.head.compute_device)
+        if value is not None:
+            out.copy_(value)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to the parameter's dtype and device; keep the state's own dtype and storage
+        super().load_state_dict(state_dict)
+        state = self.state[self.head.weight]
+        for name in self.state_names:
+            if name in state:
+                state[name] = self._new_state(state[name])
+        if "step" in state:
+            state["step"] = state["step"].to(device=self.head.compute_device, dtype=torch.float32)
 
     def _active_state_names(self) -> tuple[str, ...]:
         return self.state_names
@@ -83,33 +118,43 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         when it is still factored, plus the radial projection) through the fused update to the
         write-back; the block buffers are allocated once per optimizer.
         """
-        weight = self.head.weight.detach()
+        weight, store, device = self.head.weight.detach(), self.head.store, self.head.compute_device
         state = self.state[self.head.weight]
         for name in self._active_state_names():  # e.g. momentum switched on by a scheduler or a loaded state
             if name not in state:
-                state[name] = torch.zeros_like(weight)
+                state[name] = self._new_state()
         buffers = [state[name] for name in self._active_state_names()]
         ids = row_grad.ids
-        scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight)
+        scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight.shape[1], device)
+        low_precision = any(t.dtype != torch.float32 for t in (weight, *buffers))
+        rounding = self._rounding_generator(device) if low_precision else None
         for a in range(0, row_grad.num_rows, UPDATE_BLOCK_ROWS):
             b = min(a + UPDATE_BLOCK_ROWS, row_grad.num_rows)
-            rows = row_grad.weight_rows(weight, a, b, out=rows_buf[: b - a])
-            grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])
-            if ids is None:
-                block_state = [full[a:b] for full in buffers]
+            if row_grad.rows is not None:  # gathered (fp32, compute device) in the forward
+                rows, in_place = row_grad.rows[a:b], False
             else:
-                block_state = [torch.index_select(full, 0, ids[a:b], out=out[: b - a]) for full, out in zip(buffers, state_bufs)]
-            self._update(rows, grad, block_state)
-            if ids is not None:
-                weight.index_copy_(0, ids[a:b], rows)
-                for full, rows_state in zip(buffers, block_state):
-                    full.index_copy_(0, ids[a:b], rows_state)
+                rows, in_place = store.read_rows(weight, ids, a, b, rows_buf[: b - a])
+            grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])
+            block_state = [store.read_rows(full, ids, a, b, out[: b - a]) for full, out in zip(buffers, state_bufs)]
+            if not rows.is_meta:  # torch's update kernels have no meta version; in place, they allocate nothing
+                self._update(rows, grad, [rows_state for rows_state, _ in block_state])
+            if not in_place:
+                store.write_rows(weight, ids, a, b, rows, rounding)
+            for full, (rows_state, view) in zip(buffers, block_state):
+                if not view:
+                    store.write_rows(full, ids, a, b, rows_state, rounding)
 
-    def _block_buffers(self, count: int, like: torch.Tensor) -> list[torch.Tensor]:
-        shape = (UPDATE_BLOCK_ROWS, like.shape[1])
+    def _rounding_generator(self, device: torch.device) -> torch.Generator | None:
+        """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""
+        head = self.head
+        return seeded_generator(device, derive_seed(head.seed, "head_rounding", head.rank, head.training_forwards))
+
+    def _block_buffers(self, count: int, dim: int, device: torch.device) -> list[torch.Tensor]:
+        """fp32 block buffers on the compute device (rows, gradient, scratch, one per state)."""
+        shape = (UPDATE_BLOCK_ROWS, dim)
         cached = getattr(self, "_blocks", [])
-        if len(cached) != count or cached[0].shape != shape or cached[0].device != like.device:
-            self._blocks = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(count)]
+        if len(cached) != count or cached[0].shape != shape or cached[0].device != device:
+            self._blocks = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(count)]
         return self._blocks
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
@@ -122,12 +167,13 @@ class RowSparseSGD(_RowSparseOptimizer):
     state_names = ("momentum_buffer",)
 
     def __init__(
-        self, head: RowGradSource, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+        self, head: RowGradSource, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         _check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and momentum <= 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
-        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov), state_dtype)
 
     def _active_state_names(self) -> tuple[str, ...]:
         # read at each step: schedulers (OneCycleLR) and load_state_dict change the group's momentum
@@ -150,11 +196,11 @@ class RowSparseAdamW(_RowSparseOptimizer):
 
     def __init__(
         self, head: RowGradSource, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8, weight_decay: float = 0.01,
+        eps: float = 1e-8, weight_decay: float = 0.01, state_dtype: torch.dtype | str | None = None,
     ) -> None:
         _check_hyper(lr=lr, weight_decay=weight_decay, eps=eps, beta1=betas[0], beta2=betas[1])
-        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.state[head.weight]["step"] = torch.zeros((), dtype=torch.float32, device=head.weight.device)
+        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), state_dtype)
+        self.state[head.weight]["step"] = torch.zeros((), dtype=torch.float32, device=head.compute_device)
 
     def _apply(self, row_grad: SparseRowGrad) -> None:
         step = self.state[self.head.weight]["step"]

@@ -27,13 +27,16 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
-def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int) -> torch.Tensor:
-    """Rows [start, stop) of the global initial W ~ N(0, INIT_STD^2), identical for any sharding.
+def init_weight_rows(start: int, stop: int, embedding_size: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [start, stop) of the global initial W ~ N(0, INIT_STD^2), identical for any sharding; each block is
+    drawn in fp32 and stored in ``dtype`` (rounded to nearest), so no fp32 copy of a 16-bit slice exists.
 
     Blocks are drawn in parallel threads (each from its own stream; torch releases the GIL): one thread
     draws ~0.1-0.2 G normal values per second, so a 32M x 512 slice would take minutes alone.
     """
-    out = torch.empty(stop - start, embedding_size, dtype=torch.float32)
+    out = torch.empty(stop - start, embedding_size, dtype=dtype)
+    if out.is_meta:  # the planner's dry run: shapes only, nothing to draw
+        return out
     first_block, last_block = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS
 
     def fill(block: int) -> None:
@@ -66,7 +69,7 @@ def sample_classes(
     owned: torch.Tensor,
     num_local: int,
     sample_rate: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted local row ids to use this step, and each label's column among them (-1 if not owned).
 

@@ -73,10 +73,15 @@ class ShardedSoftmaxSpec:
     nontarget_needs_target_cosine: bool = False  # all-reduce cos(theta_y) of every row before the softmax
 
 
+def _autocast_type(device: torch.device) -> str:
+    """Meta tensors (the planner's dry run) follow the CPU's autocast state: torch has no meta autocast."""
+    return "cpu" if device.type == "meta" else device.type
+
+
 def _gemm_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the logits GEMMs, or None when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+    if torch.is_autocast_enabled(_autocast_type(device)):
+        return torch.get_autocast_dtype(_autocast_type(device))
     return None
 
 
@@ -181,7 +186,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         spec: ShardedSoftmaxSpec,
     ) -> torch.Tensor:
         gemm_dtype = _gemm_dtype(x_op.device)
-        with torch.autocast(x_op.device.type, enabled=False):
+        with torch.autocast(_autocast_type(x_op.device), enabled=False):
             ctx.saved, loss = _forward(x_op, x_raw, w_rows, target_col, spec, gemm_dtype)
         ctx.spec = spec
         return loss
@@ -190,7 +195,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         saved, spec = ctx.saved, ctx.spec
         ctx.saved = ctx.spec = None  # a graph kept alive by the caller pins no workspace slot
-        with torch.autocast(grad_loss.device.type, enabled=False):
+        with torch.autocast(_autocast_type(grad_loss.device), enabled=False):
             grad_x_op, grad_x_raw = _backward(saved, spec, grad_loss)
         return grad_x_op, grad_x_raw, None, None, torch.zeros(0, device=grad_loss.device), None
 

@@ -44,4 +44,8 @@ class Workspace:
         return tensor.view(shape), lease
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._slots.values())
+        return sum(self.slot_bytes().values())
+
+    def slot_bytes(self) -> dict[str, int]:
+        """Bytes held by each named slot."""
+        return {name: t.numel() * t.element_size() for name, (t, _) in self._slots.items()}

@@ -61,5 +61,6 @@ def init_conv_bn(model: nn.Module) -> None:
 def embed_in_fp32(linear: nn.Module, features: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The embedding layer (linear, then BatchNorm1d) in fp32 even under autocast, as insightface does:
     the trunk runs in low precision, the embedding the margin head sees keeps fp32's 24-bit mantissa."""
-    with torch.autocast(x.device.type, enabled=False):
+    device_type = "cpu" if x.device.type == "meta" else x.device.type  # meta (planner dry run): no autocast of its own
+    with torch.autocast(device_type, enabled=False):
         return features(linear(x.float()))

@@ -97,11 +97,13 @@ BACKBONE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.opti
 
 
 def build_backbone_optimizer(model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if ocfg.state_dtype is not None:
+        raise ConfigError("optim.backbone.state_dtype", f"got {ocfg.state_dtype!r}; 16-bit state is for the head's optimizer only (expected null)")
     return BACKBONE_OPTIMIZERS[ocfg.name](model.parameters(), **ocfg.arguments())
 
 
 def build_head_optimizer(head: PartialFC, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return head.optimizer(ocfg.name, **ocfg.arguments())
+    return head.optimizer(ocfg.name, state_dtype=ocfg.state_dtype, **ocfg.arguments())
 
 
 def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
@@ -112,10 +114,16 @@ def build_head(cfg: Config, ctx: DistContext) -> PartialFC:
     except (ValueError, TypeError) as exc:
         raise ConfigError("head.margin_params", str(exc)) from None
     # validate=False: labels come from the loader (checked there); no host sync in the step
-    head = PartialFC(
-        margin, cfg.head.embedding_size, cfg.head.num_classes, cfg.head.sample_rate,
-        process_group=ctx.group, seed=cfg.train.seed, chunk_rows=cfg.head.chunk_rows, validate=False,
-    )
+    try:
+        head = PartialFC(
+            margin, cfg.head.embedding_size, cfg.head.num_classes, cfg.head.sample_rate,
+            process_group=ctx.group, seed=cfg.train.seed, chunk_rows=cfg.head.chunk_rows, validate=False,
+            weight_dtype=cfg.head.weight_dtype, storage_device=cfg.head.storage_device,
+        )
+    except ValueError as exc:
+        if "storage_device" not in str(exc):
+            raise
+        raise ConfigError("head.storage_device", str(exc)) from None
     return head.to(ctx.device)
 
 

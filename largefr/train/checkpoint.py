@@ -216,7 +216,8 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); use latest_checkpoint()")
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved_metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = set(saved_metadata)
     top_level = sorted({fqn.split(".")[0] for fqn in saved})
     wanted = {k: v for k, v in state.items() if not isinstance(v, PerRank) or _has_prefix(saved, _rank_key(k, ctx))}
     missing = [k for k in wanted if k not in top_level]
@@ -228,6 +229,7 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], ctx: DistContext, r
             rng.pop("device", None)  # written on the CPU, resumed on an accelerator: no device RNG state saved
         wanted[_RNG_KEY] = PerRank(rng)
     dest = _collect(wanted, ctx)
+    _report_dtype_changes(saved_metadata, dest, path, ctx)
     with _quiet_sharded_tensor():
         dcp.load(dest, checkpoint_id=str(path), process_group=ctx.group)
     result: dict[str, Any] = {}
@@ -275,6 +277,28 @@ def _collect(state: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
             out[key] = item
         out[key] = _map_leaves(out[key], lambda v: _to_sharded(v, ctx) if isinstance(v, RowShard) else v)
     return out
+
+
+def _report_dtype_changes(saved: dict[str, Any], dest: dict[str, Any], path: Path, ctx: DistContext) -> None:
+    """Say which tensors load into another dtype (e.g. an fp32 W into a bf16 head: rounded to nearest)."""
+    changes = []
+    for fqn, value in _flatten(dest):
+        meta = saved.get(fqn)
+        properties = getattr(meta, "properties", None)
+        if properties is None or not isinstance(value, (torch.Tensor, ShardedTensor)):
+            continue
+        have = value.metadata().tensor_properties.dtype if isinstance(value, ShardedTensor) else value.dtype
+        if properties.dtype != have:
+            how = "rounded to nearest" if torch.finfo(have).bits < torch.finfo(properties.dtype).bits else "exactly"
+            changes.append(f"{fqn}: {properties.dtype} -> {have} ({how})")
+    if changes and ctx.rank == 0:
+        log.warning("checkpoint %s: converting on load: %s", path, "; ".join(changes))
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], value)]
 
 
 def _restore(item: Any, loaded: Any, ctx: DistContext) -> Any:

@@ -1,0 +1,106 @@
+"""Where and how the head's W slice and its optimizer state are stored, and how rows travel.
+
+A slice-sized tensor (W or an optimizer state) is kept in a storage dtype (fp32, bf16 or fp16) on a
+storage device, which may differ from the device the step computes on (host memory for GPU steps:
+pinned, so copies can be asynchronous). Only the rows a step uses travel: they are gathered into fp32
+buffers on the compute device, updated there in fp32, and written back rounded to the storage dtype
+(stochastically for 16 bits, largefr.heads.stochastic_round). A tensor that is fp32 and already on the
+compute device is read and written in place (the original, copy-free path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from largefr.heads.stochastic_round import round_stochastic
+
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(value: torch.dtype | str | None, what: str, default: torch.dtype = torch.float32) -> torch.dtype:
+    """A storage dtype from a torch dtype or one of "fp32", "bf16", "fp16"."""
+    if value is None:
+        return default
+    dtype = STORAGE_DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f"{what} must be one of torch.float32, torch.bfloat16, torch.float16 (or {sorted(STORAGE_DTYPES)}), got {value!r}")
+    return dtype  # type: ignore[return-value]
+
+
+def resolve_device(value: torch.device | str | None) -> torch.device | None:
+    """The storage device, checked by allocating on it: a clear error when the platform cannot serve it."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ValueError(f"storage_device {value!r} is not available on this platform: {exc}") from None
+    return device
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``; None on the meta device (its tensors hold no values,
+    and torch has no meta generator: the planner's dry run draws shapes only)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class WeightStore:
+    """Storage policy of the head: ``dtype`` of W, ``device`` of W and its state (None: follow the module)."""
+
+    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None
+
+    @property
+    def separate(self) -> bool:
+        """W lives in a buffer of its own, not on the module's (compute) device."""
+        return self.device is not None
+
+    def is_direct(self, full: torch.Tensor, compute: torch.device) -> bool:
+        """Rows of ``full`` can be used in place: fp32 and on the compute device, no separate storage."""
+        return full.dtype == torch.float32 and full.device == compute and not self.separate
+
+    def allocate(self, like: torch.Tensor, dtype: torch.dtype, compute: torch.device) -> torch.Tensor:
+        """A zeroed tensor shaped like ``like`` in ``dtype`` on ``like``'s (storage) device."""
+        out = torch.zeros(like.shape, dtype=dtype, device=like.device)
+        return self.pin(out, compute)
+
+    def pin(self, tensor: torch.Tensor, compute: torch.device) -> torch.Tensor:
+        """Page-locked when host storage serves an accelerator (asynchronous copies)."""
+        if tensor.device.type == "cpu" and compute.type not in ("cpu", "meta") and not tensor.is_pinned():
+            return tensor.pin_memory()
+        return tensor
+
+    def read_rows(
+        self, full: torch.Tensor, ids: torch.Tensor | None, a: int, b: int, out: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """Rows [a, b) of ``ids`` (all rows when None) as fp32 on ``out``'s device; True when it is a view."""
+        if self.is_direct(full, out.device):
+            if ids is None:
+                return full[a:b], True
+            return torch.index_select(full, 0, ids[a:b], out=out), False
+        if ids is None:
+            src = full[a:b]
+        else:
+            src = full.index_select(0, ids[a:b].to(full.device))  # device -> host copies stay blocking
+        out.copy_(src, non_blocking=True)  # host -> device: ordered on the compute stream
+        return out, False
+
+    def write_rows(
+        self, full: torch.Tensor, ids: torch.Tensor | None, a: int, b: int, rows: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Write fp32 ``rows`` back to rows [a, b) of ``ids`` in ``full``, rounded to its dtype."""
+        if full.dtype != torch.float32:
+            if generator is None and full.device.type != "meta":
+                raise ValueError(f"writing rows to {full.dtype} storage needs a generator for stochastic rounding")
+            rows = round_stochastic(rows, full.dtype, generator)
+        if ids is None:
+            full[a:b].copy_(rows)
+        else:
+            target = full.device
+            full.index_copy_(0, ids[a:b].to(target), rows.to(target))
