@@ -135,6 +135,18 @@ class TrainConfig(Section):
     log_every: int = _f(10, POSITIVE)
     eval_every: int = _f(2000, POSITIVE)
     eval_bins: list[str] = _f([])  # verification .bin files (lfw.bin, cfp_fp.bin, ...)
+    engine: Literal["ddp", "deepspeed"] = "ddp"  # how the backbone is data-parallel (the head never is)
+
+
+ZERO_STAGES = Check(lambda v: v in (1, 2), "1 or 2 (ZeRO-3 cannot sum gradients, see largefr.train.deepspeed_engine)")
+
+
+@dataclass
+class DeepSpeedConfig(Section):
+    """``train.engine: deepspeed``: the backbone in a DeepSpeed ZeRO engine (the DS JSON is generated)."""
+
+    stage: int = _f(1, ZERO_STAGES)  # ZeRO stage: 1 partitions optimizer state, 2 also gradients
+    config: str | None = None  # a DeepSpeed JSON file whose keys override the generated ones
 
 
 @dataclass
@@ -169,6 +181,7 @@ class Config(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -152,8 +152,12 @@ def save_checkpoint(
     keep_last: int = 2,
     extra_files: dict[str, bytes] | None = None,
     meta: dict[str, Any] | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``state`` (see module doc) as ``<ckpt_root>/step_NNNNNNNN``; collective over ``ctx.group``.
+
+    ``write_more(dir)`` (e.g. a DeepSpeed engine's own save) runs on every rank after the DCP save,
+    into the unpublished directory, so the rename publishes it with the rest.
 
     ``meta`` (e.g. :func:`backbone_meta`) goes into ``meta.json`` with the step and world size; when
     ``state["backbone"]`` is a module its plain state_dict is also written as ``backbone.pt``.
@@ -179,6 +183,9 @@ def save_checkpoint(
     to_save = _collect({**state, _RNG_KEY: PerRank(_rng_state(ctx))}, ctx)
     with _quiet_sharded_tensor():
         dcp.save(to_save, checkpoint_id=str(tmp), process_group=ctx.group)
+    if write_more is not None:
+        write_more(tmp)
+        dist.barrier(group=ctx.group)
 
     def publish() -> None:
         backbone = to_save.get("backbone") if isinstance(state.get("backbone"), nn.Module) else None

@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from largefr.config import ConfigError
 from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, steps_per_epoch
+from largefr.train.deepspeed_engine import ENGINE_TAG, load_engine_state, save_engine_state
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
@@ -79,9 +81,11 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
     head = parts.head
     rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
     extra = head.get_extra_state()
+    # with train.engine=deepspeed the backbone's optimizer state is the engine's (its ZeRO partitions)
+    backbone_optim = {} if parts.engine is not None else {"backbone_optim": OptimizerState(parts.model, parts.backbone_opt)}
     return {
         "backbone": parts.model,
-        "backbone_optim": OptimizerState(parts.model, parts.backbone_opt),
+        **backbone_optim,
         "head": RowShardedState(HeadWeight(head), rows, num_rows),
         "head_optim": RowShardedState(parts.head_opt, rows, num_rows),
         "scheduler": parts.scheduler,
@@ -97,10 +101,12 @@ def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
     cfg = parts.cfg
     broadcast_buffers(parts.model, parts.ctx.group)  # replicated state must be equal on every rank
     meta = backbone_meta(cfg.model.name, cfg.head.embedding_size, cfg.data.image_size, **cfg.model.kwargs)
-    meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision)
+    meta.update(num_classes=cfg.head.num_classes, precision=cfg.train.precision, engine=cfg.train.engine)
+    engine = parts.engine
     return save_checkpoint(
         cfg.checkpoint_dir, progress.step, checkpoint_state(parts, loader, progress), parts.ctx,
         keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()}, meta=meta,
+        write_more=None if engine is None else (lambda step_dir: save_engine_state(engine, step_dir)),
     )
 
 
@@ -113,8 +119,11 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
+    _check_engine(Path(path), parts.cfg.train.engine)
     same_world = int(read_meta(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
+    if parts.engine is not None:  # after the DCP load of the backbone: the engine's module and ZeRO state
+        load_engine_state(parts.engine, Path(path))
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
     parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
@@ -137,6 +146,14 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
                  "(epoch %d; the LR schedule too)", path, saved, now, int(progress_state["step"]), progress.step,
                  progress.epoch)
     return progress
+
+
+def _check_engine(path: Path, engine: str) -> None:
+    saved = read_meta(path).get("engine", "ddp")
+    if saved != engine:
+        where = f"{ENGINE_TAG}/ (engine state)" if saved == "deepspeed" else "the backbone's torch optimizer state"
+        raise ConfigError("train.engine", f"got {engine!r}, but checkpoint {path} was written with "
+                          f"train.engine={saved!r} (it holds {where}); resume with train.engine={saved}")
 
 
 def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) -> StepSize:
