@@ -250,11 +250,12 @@ def resume_on_one_rank(ctx: DistContext, dataset: Path, checkpoint: Path, output
     progress = resume(parts, loader, checkpoint)
     zero = parts.engine.optimizer
     state = zero.optimizer.state[zero.single_partition_of_fp32_groups[0]]
-    numel = sum(p.numel() for p in parts.model.parameters())
+    trained = [p for p in parts.model.parameters() if p.requires_grad]  # what ZeRO flattens, in order
+    numel = sum(p.numel() for p in trained)
     return {"step": progress.step, "weight": parts.head.weight.detach().clone(),
             "backbone": {k: v.clone() for k, v in parts.model.state_dict().items()},
             "master": zero.single_partition_of_fp32_groups[0].detach()[:numel].clone(),
-            "flat_params": torch.cat([p.detach().reshape(-1) for p in parts.model.parameters()]),
+            "flat_params": torch.cat([p.detach().reshape(-1) for p in trained]),
             "exp_avg": state["exp_avg"][:numel].clone()}
 
 

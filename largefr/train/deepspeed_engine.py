@@ -176,14 +176,66 @@ def engine_step(
 
 def save_engine_state(engine: Any, step_dir: Path) -> None:
     """Every rank: the engine's state into ``step_dir / ENGINE_TAG`` (collective)."""
+    # An elastic ZeRO checkpoint records (and on load requires) a "step" in the optimizer's param groups,
+    # where DeepSpeed's own Adam keeps it; torch's optimizers keep theirs per parameter and ignore this key.
+    for group in engine.optimizer.optimizer.param_groups:
+        group["step"] = engine.global_steps
     engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, save_latest=False)
 
 
-def load_engine_state(engine: Any, step_dir: Path) -> None:
-    """Every rank: the engine's state from a checkpoint written by :func:`save_engine_state` (collective)."""
+def load_engine_state(engine: Any, step_dir: Path, saved_world_size: int, world_size: int) -> None:
+    """Every rank: the engine's state from a checkpoint written by :func:`save_engine_state` (collective).
+
+    Call it after the backbone's weights were loaded into ``engine.module`` (the DCP item). At the world
+    size of the save DeepSpeed loads everything; at another one (DeepSpeed refuses that) see
+    :func:`_load_resharded`.
+    """
     if not (step_dir / ENGINE_TAG).is_dir():
         raise FileNotFoundError(f"checkpoint {step_dir} has no {ENGINE_TAG}/ directory (engine state); "
                                 "was it written with train.engine=ddp?")
+    if saved_world_size != world_size:
+        _load_resharded(engine, step_dir / ENGINE_TAG, saved_world_size)
+        return
     loaded, _ = engine.load_checkpoint(str(step_dir), tag=ENGINE_TAG, load_lr_scheduler_states=False)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state of {step_dir / ENGINE_TAG}")
+    # the elastic load pads every tensor state to 1-d, torch's per-parameter "step" (AdamW) included
+    for state in engine.optimizer.optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and step.dim() > 0:
+            state["step"] = step.reshape(())
+
+
+def _load_resharded(engine: Any, engine_dir: Path, saved_world_size: int) -> None:
+    """ZeRO-1/2 state saved on ``saved_world_size`` ranks, onto this world size.
+
+    Each saved rank's file holds, per param group, the optimizer state of its partition of the group's
+    flat fp32 vector with the padding removed (``elastic_checkpoint``), so their concatenation is the state
+    of the whole flat vector; this rank takes its partition of it and pads as DeepSpeed does. The fp32
+    master partition is refreshed from the module (loaded from the DCP item).
+    """
+    zero = engine.optimizer
+    saved = [torch.load(engine_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+             for r in range(saved_world_size)]
+    zero.refresh_fp32_params()
+    rank = torch.distributed.get_rank(group=zero.dp_process_group)
+    for i, group in enumerate(zero.optimizer.param_groups):
+        partition = group["params"][0]
+        size = partition.numel()
+        state = zero.optimizer.state[partition]
+        for key, first in saved[0][i].items():
+            if isinstance(first, torch.Tensor) and first.dim() > 0:
+                whole = torch.cat([per_rank[i][key] for per_rank in saved])
+                mine = torch.zeros(size, dtype=first.dtype)
+                part = whole[rank * size: (rank + 1) * size]
+                mine[: part.numel()] = part
+                state[key] = mine.to(partition.device)
+            else:  # replicated (torch AdamW's per-parameter step)
+                state[key] = first.reshape(()).clone() if isinstance(first, torch.Tensor) else first
+    model_states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    engine.global_steps = int(model_states["global_steps"])
+    engine.skipped_steps = int(model_states["skipped_steps"])
+    engine.global_samples = engine.global_steps * engine.train_batch_size()
+    log.warning("engine state of %s (ZeRO partitions of %d ranks) resharded onto %d ranks",
+                engine_dir, saved_world_size, torch.distributed.get_world_size(group=zero.dp_process_group))

@@ -123,7 +123,7 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     same_world = int(read_meta(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
     if parts.engine is not None:  # after the DCP load of the backbone: the engine's module and ZeRO state
-        load_engine_state(parts.engine, Path(path))
+        load_engine_state(parts.engine, Path(path), int(read_meta(path)["world_size"]), parts.ctx.world_size)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
     parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
