@@ -1,7 +1,7 @@
 """``train.engine: deepspeed`` (ZeRO-1/2 on 2 gloo ranks, DS_ACCELERATOR=cpu, torch optimizers).
 
 1. Gradient semantics, as tests/test_train_step.py for DDP: ZeRO-1 and ZeRO-2 on 2 ranks x 2 images (with
-   and without active clipping, with and without 2 micro-batches) make the update of DDP on 1 rank x 4
+   without clipping, and with active clipping and 2 micro-batches) make the update of DDP on 1 rank x 4
    images: backbone and global W within 1e-4 (fp32 on CPU; BatchNorm in eval mode, see that module).
    The engine's default (mean) reduction does not: the SUM setting is what makes it right.
 2. The head stays outside the engine: each rank's W slice right after engine initialisation is exactly
@@ -107,7 +107,7 @@ def train_split(ctx: DistContext, cfg: Any, accum: int) -> dict:
             "slice_kept_at_init": slice_kept}
 
 
-DS_SPLITS = [(1, 1, None), (1, 2, CLIP), (2, 1, CLIP), (2, 2, None)]  # (stage, grad_accum, clip)
+DS_SPLITS = [(1, 1, None), (2, 2, CLIP)]  # (stage, grad_accum, clip)
 
 
 def mean_reduction_run(ctx: DistContext) -> dict:
@@ -167,7 +167,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def results(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     root = tmp_path_factory.mktemp("ds_runs")
-    return run_ranks(everything_on_two_ranks, 2, dataset, root), root
+    return run_ranks(everything_on_two_ranks, 2, dataset, root, timeout_s=600), root
 
 
 @pytest.mark.slow

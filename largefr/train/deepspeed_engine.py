@@ -10,10 +10,11 @@ What the engine takes over from largefr's one config (the DeepSpeed JSON is gene
   divides each micro-batch loss by it, which also scales the head's gradient, as in the DDP path);
 - the LR schedule: largefr's :class:`ScheduledLR` sets ``lr`` in the torch optimizer's param groups,
   which ZeRO keeps (it swaps only their ``params`` for its flat fp32 partition).
-Precision: fp32, or bf16 by torch autocast with fp32 weights (the same numerics as the DDP path; the
-backbone's embedding layer runs in fp32 under autocast, which DeepSpeed's own bf16 mode, casting every
-weight to bf16, would break). fp16 is refused: DeepSpeed's loss scaler would scale the head's row
-gradient too, and its overflow check does not see that gradient (this CPU has no fp16 DeepSpeed either).
+Precision: fp32, or bf16 by torch autocast with fp32 weights and an fp32 ZeRO master (the numerics of the
+DDP path). DeepSpeed's own bf16 mode casts every weight to bf16, while the backbone's embedding layer
+multiplies fp32 inputs by its weight with autocast off (largefr.models.backbone_parts), so it is not
+used. fp16 is refused: DeepSpeed's loss scaler would scale the head's row gradient too and its overflow
+check does not see that gradient (and DeepSpeed's CPU accelerator has no fp16 on this machine's CPUs).
 
 Gradient semantics. The head returns the mean loss over the GLOBAL batch, so each rank's backbone
 gradient is a partial derivative of one loss and the full gradient is their SUM (largefr.distributed.ddp).
