@@ -139,6 +139,18 @@ class TrainConfig(Section):
     collective_timeout_s: float = _f(
         600.0, POSITIVE, "seconds before process-group set-up or any collective fails (a lost peer is an error, not a hang)")
     preempt_check_every: int = _f(1, POSITIVE, "optimizer steps between the ranks' agreement on a received SIGTERM")
+    engine: Literal["ddp", "deepspeed"] = _f("ddp", help="how the backbone is data-parallel (the head never is)")
+
+
+ZERO_STAGES = Check(lambda v: v in (1, 2), "1 or 2 (ZeRO-3 cannot sum gradients, see largefr.train.deepspeed_engine)")
+
+
+@dataclass
+class DeepSpeedConfig(Section):
+    """``train.engine: deepspeed``: the backbone in a DeepSpeed ZeRO engine (the DS JSON is generated)."""
+
+    stage: int = _f(1, ZERO_STAGES, "ZeRO stage: 1 partitions optimizer state, 2 also gradients")
+    config: str | None = _f(None, help="a DeepSpeed JSON file whose keys override the generated ones")
 
 
 @dataclass
@@ -173,6 +185,7 @@ class Config(Section):
     optim: OptimConfig = section_field(OptimConfig, "optimizers")
     schedule: ScheduleConfig = section_field(ScheduleConfig, "learning-rate schedule (by optimizer step)")
     train: TrainConfig = section_field(TrainConfig, "training loop")
+    deepspeed: DeepSpeedConfig = section_field(DeepSpeedConfig, "DeepSpeed ZeRO engine (train.engine: deepspeed)")
     checkpoint: CheckpointConfig = section_field(CheckpointConfig, "training checkpoints (DCP, reshardable)")
     logging: LoggingConfig = section_field(LoggingConfig, "metric loggers")
 

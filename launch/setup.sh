@@ -6,7 +6,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${LARGEFR_VENV:-$repo/.venv}"
 torch_pin="${LARGEFR_TORCH:-torch==2.13.0}"
-extras="${LARGEFR_EXTRAS:-test,data,eval,onnx,dali,wandb}"
+extras="${LARGEFR_EXTRAS:-test,data,eval,onnx,dali,wandb,deepspeed}"
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

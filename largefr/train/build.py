@@ -2,7 +2,8 @@
 
 Backbone: seeded by ``derive_seed(train.seed, "backbone_init")`` (identical on every rank and in
 ``largefr train --export-init``), moved to the context's device and wrapped in DDP with a SUM
-all-reduce (see largefr.distributed.ddp).
+all-reduce (see largefr.distributed.ddp),
+or with ``train.engine: deepspeed`` in a DeepSpeed ZeRO engine (largefr.train.deepspeed_engine).
 Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer. Both optimizers
 follow one LR schedule by optimizer step.
 """
@@ -30,23 +31,26 @@ from largefr.models import build_backbone
 from largefr.models.input import InputBuffer
 from largefr.seeding import derive_seed
 from largefr.train.amp import Precision
+from largefr.train.deepspeed_engine import wrap_deepspeed
 from largefr.train.schedule import ScheduledLR, schedule_from_config
 
 
 @dataclass
 class TrainParts:
-    """Everything one rank steps: the plain backbone, its DDP wrapper, head, optimizers, schedule."""
+    """Everything one rank steps: the plain backbone, its data-parallel wrapper (DDP, or the DeepSpeed
+    engine, then also ``engine``), head, optimizers, schedule."""
 
     cfg: Config
     ctx: DistContext
     model: nn.Module
-    ddp: DistributedDataParallel
+    ddp: DistributedDataParallel | nn.Module
     head: PartialFC
     backbone_opt: torch.optim.Optimizer
     head_opt: torch.optim.Optimizer
     scheduler: ScheduledLR
     precision: Precision
     inputs: InputBuffer  # uint8 batches -> the backbone's float32 input, on ctx.device
+    engine: Any = None  # the deepspeed.DeepSpeedEngine (== ddp) with train.engine=deepspeed
 
 
 def resolve_dataset(cfg: Config) -> tuple[Config, Manifest]:
@@ -140,8 +144,9 @@ def build_parts(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> TrainPar
     model = seeded_backbone(cfg).to(ctx.device)
     head = build_head(cfg, ctx)
     seed_rank_streams(cfg.train.seed, ctx.rank)
-    ddp = wrap_ddp_sum(model, ctx)
     backbone_opt = build_backbone_optimizer(model, cfg.optim.backbone)
+    engine = wrap_deepspeed(model, backbone_opt, cfg, ctx) if cfg.train.engine == "deepspeed" else None
+    ddp = wrap_ddp_sum(model, ctx) if engine is None else engine
     head_opt = build_head_optimizer(head, cfg.optim.head)
     try:
         schedule = schedule_from_config(cfg.schedule, cfg.train.epochs, steps_per_epoch)
@@ -150,7 +155,7 @@ def build_parts(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> TrainPar
     scheduler = ScheduledLR([backbone_opt, head_opt], schedule)
     precision = Precision(cfg.train.precision, ctx.device)
     return TrainParts(cfg, ctx, model, ddp, head, backbone_opt, head_opt, scheduler, precision,
-                      InputBuffer(ctx.device))
+                      InputBuffer(ctx.device), engine)
 
 
 def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> FaceLoader:

@@ -137,12 +137,16 @@ def save_checkpoint(
     extra_files: dict[str, bytes] | None = None,
     meta: dict[str, Any] | None = None,
     backbone_meta: CheckpointMeta | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``state`` (see module doc) as ``<ckpt_root>/step_NNNNNNNN``; collective over ``ctx.group``.
 
     ``meta`` goes into ``meta.json`` with the step and world size. With ``backbone_meta``,
     ``state["backbone"]`` (a module) is also exported with :mod:`largefr.backbone_file` (``backbone.pt``
     and the backbone fields of ``meta.json``), so ``largefr eval`` reads the checkpoint directory.
+
+    ``write_more(dir)`` (e.g. a DeepSpeed engine's own save) runs on every rank after the DCP save,
+    into the unpublished directory, so the rename publishes it with the rest.
     Afterwards this one and the ``keep_last - 1`` before it are kept; checkpoints of later steps (an
     abandoned continuation of a run resumed from an earlier step) are removed, with a warning.
     """
@@ -167,6 +171,9 @@ def save_checkpoint(
     to_save = _collect({**state, _RNG_KEY: PerRank(_rng_state(ctx))}, ctx)
     with _quiet_sharded_tensor():
         dcp.save(to_save, checkpoint_id=str(tmp), process_group=ctx.group)
+    if write_more is not None:
+        write_more(tmp)
+        dist.barrier(group=ctx.group)
 
     def publish() -> None:
         info = {**(meta or {}), "step": step, "world_size": ctx.world_size, "format": "largefr-dcp-v1"}

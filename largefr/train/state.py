@@ -23,11 +23,13 @@ import torch
 import yaml
 
 from largefr.backbone_file import read_meta_json
+from largefr.config import ConfigError
 from largefr.data.loader import FaceLoader
 from largefr.distributed import broadcast_buffers
 from largefr.distributed.agreement import any_rank
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
+from largefr.train.deepspeed_engine import ENGINE_TAG, load_engine_state, save_engine_state
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
@@ -80,9 +82,11 @@ def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) 
     head = parts.head
     rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
     extra = head.get_extra_state()
+    # with train.engine=deepspeed the backbone's optimizer state is the engine's (its ZeRO partitions)
+    backbone_optim = {} if parts.engine is not None else {"backbone_optim": OptimizerState(parts.model, parts.backbone_opt)}
     return {
         "backbone": parts.model,
-        "backbone_optim": OptimizerState(parts.model, parts.backbone_opt),
+        **backbone_optim,
         "head": RowShardedState(HeadWeight(head), rows, num_rows),
         "head_optim": RowShardedState(parts.head_opt, rows, num_rows),
         "scheduler": parts.scheduler,
@@ -114,8 +118,9 @@ def save(parts: TrainParts, loader: FaceLoader, progress: Progress) -> Path:
         keep_last=cfg.checkpoint.keep_last, extra_files={"config.yaml": cfg.to_yaml().encode()},
         # samples_consumed orders checkpoints of runs with different step sizes (e.g. resumed 1 -> 3 ranks)
         meta={"num_classes": cfg.head.num_classes, "precision": cfg.train.precision,
-              "samples_consumed": loader.samples_consumed()},
+              "samples_consumed": loader.samples_consumed(), "engine": cfg.train.engine},
         backbone_meta=exported_backbone_meta(cfg),
+        write_more=None if parts.engine is None else (lambda step_dir: save_engine_state(parts.engine, step_dir)),
     )
 
 
@@ -128,10 +133,13 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     and the LR schedule are re-derived from the data consumed (see the module doc).
     """
     state = checkpoint_state(parts, loader, Progress())
+    _check_engine(Path(path), parts.cfg.train.engine)
     del state["loader"]  # read below with the keys the checkpoint has (older ones lack pool, step_offset)
     every_rank = load_every_rank(path, "loader", parts.ctx)
     same_world = int(read_meta_json(path)["world_size"]) == parts.ctx.world_size
     loaded = load_checkpoint(path, state, parts.ctx)
+    if parts.engine is not None:  # after the DCP load of the backbone: the engine's module and ZeRO state
+        load_engine_state(parts.engine, Path(path), int(read_meta_json(path)["world_size"]), parts.ctx.world_size)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
     parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
@@ -149,6 +157,14 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
                  "(epoch %d; the LR schedule too)", path, saved, now, int(progress_state["step"]), progress.step,
                  progress.epoch)
     return progress
+
+
+def _check_engine(path: Path, engine: str) -> None:
+    saved = read_meta_json(path).get("engine", "ddp")
+    if saved != engine:
+        where = f"{ENGINE_TAG}/ (engine state)" if saved == "deepspeed" else "the backbone's torch optimizer state"
+        raise ConfigError("train.engine", f"got {engine!r}, but checkpoint {path} was written with "
+                          f"train.engine={saved!r} (it holds {where}); resume with train.engine={saved}")
 
 
 def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) -> StepSize:

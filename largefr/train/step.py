@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from largefr.train.build import TrainParts
+from largefr.train.deepspeed_engine import engine_step
 
 
 @dataclass
@@ -75,6 +76,10 @@ def apply_gradients(parts: TrainParts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    if parts.engine is not None:  # train.engine=deepspeed: the engine reduces, clips and steps the backbone
+        clipping = parts.cfg.train.clip_grad_norm is not None
+        return StepResult(*engine_step(parts.engine, parts.head, parts.head_opt, parts.scheduler, parts.precision,
+                                       micro_batches, parts.ctx, clipping, parts.inputs))
     loss = forward_backward(parts, micro_batches)
     grad_norm, skipped = apply_gradients(parts)
     return StepResult(loss, grad_norm, skipped)
