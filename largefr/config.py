@@ -20,6 +20,7 @@ import yaml
 
 from largefr.config_schema import (
     BETAS,
+    Check,
     NON_NEGATIVE,
     POSITIVE,
     PROB,
