@@ -4,7 +4,9 @@ Items: the backbone and its optimizer (replicated); the head's W slice and its r
 state as row shards of the global [num_classes, D] tensors (their global class range is the shard
 offset, so a checkpoint reshards to another world size); the LR schedule; the loss scaler; the data
 position (replicated: epoch, optimizer step) and each rank's loader state and head sampling RNG
-(per rank); RNG states (added by the checkpoint module). ``config.yaml`` (the resolved config) and
+(per rank); RNG states (added by the checkpoint module). A run without a margin_softmax term has no head
+items; a centre loss adds its centres as row shards of the global [num_classes, D] tensor (same ranges
+as W, so they reshard the same way). ``config.yaml`` (the resolved config) and
 ``meta.json`` (what ``largefr eval`` needs to rebuild the backbone) are written next to them.
 
 Resumed with another world size, batch size or ``train.grad_accum``, a step of the checkpoint holds
@@ -28,6 +30,7 @@ from largefr.distributed import broadcast_buffers
 from largefr.distributed.agreement import any_rank
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
+from largefr.train.objective import center_of
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
@@ -77,26 +80,34 @@ class StepSize:
 
 
 def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) -> dict[str, Any]:
-    head = parts.head
-    rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
-    extra = head.get_extra_state()
-    return {
+    state: dict[str, Any] = {
         "backbone": parts.model,
         "backbone_optim": OptimizerState(parts.model, parts.backbone_opt),
-        "head": RowShardedState(HeadWeight(head), rows, num_rows),
-        "head_optim": RowShardedState(parts.head_opt, rows, num_rows),
         "scheduler": parts.scheduler,
         "scaler": parts.precision.scaler,
-        "progress": {"step": progress.step, "epoch": progress.epoch, "head_training_forwards": head.training_forwards},
+        "progress": {"step": progress.step, "epoch": progress.epoch},
         "loader": PerRank(loader.state_dict()),
-        # bytes, not a tensor: a head that has not run yet has no generator, and DCP needs one kind per key
-        "head_rng": PerRank({"rng": None if extra["rng"] is None else extra["rng"].cpu().numpy().tobytes()}),
     }
+    head, center = parts.head, center_of(parts.objective)
+    if head is not None:
+        extra = head.get_extra_state()
+        assert parts.head_opt is not None
+        rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
+        state["head"] = RowShardedState(HeadWeight(head), rows, num_rows)
+        state["head_optim"] = RowShardedState(parts.head_opt, rows, num_rows)
+        state["progress"]["head_training_forwards"] = head.training_forwards
+        # bytes, not a tensor: a head that has not run yet has no generator, and DCP needs one kind per key
+        state["head_rng"] = PerRank({"rng": None if extra["rng"] is None else extra["rng"].cpu().numpy().tobytes()})
+    if center is not None:
+        state["center"] = RowShardedState(center, center.class_range, center.num_classes)
+    return state
 
 
 def check_finite(parts: TrainParts, step: int) -> None:
     """TrainingDiverged on every rank when any rank's parameters or buffers hold a NaN or an infinity."""
-    named = [*parts.model.named_parameters(), *parts.model.named_buffers(), ("head.weight", parts.head.weight)]
+    named = [*parts.model.named_parameters(), *parts.model.named_buffers()]
+    if parts.head is not None:
+        named.append(("head.weight", parts.head.weight))
     bad = nonfinite_tensors(named)
     if any_rank(bool(bad), parts.ctx.group, parts.ctx.device):
         where = f"rank {parts.ctx.rank}: {', '.join(bad[:4])}" if bad else "on another rank"
@@ -134,11 +145,8 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
     loaded = load_checkpoint(path, state, parts.ctx)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
-    parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
-    rng = loaded["head_rng"]
-    if same_world and rng is not None and rng["rng"] is not None:
-        generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
-        parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
+    if parts.head is not None:
+        _restore_head_counters(parts.head, progress_state, loaded["head_rng"] if same_world else None)
     loader_state = every_rank[parts.ctx.rank] if same_world else every_rank[0]
     loader.load_rank_states(every_rank)  # exact at the same sizes; else the unread samples, dealt anew
     now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
@@ -149,6 +157,14 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
                  "(epoch %d; the LR schedule too)", path, saved, now, int(progress_state["step"]), progress.step,
                  progress.epoch)
     return progress
+
+
+def _restore_head_counters(head: PartialFC, progress_state: dict[str, Any], rng: dict[str, Any] | None) -> None:
+    """The head's forward count and (at the same world size) its sampling RNG."""
+    head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
+    if rng is not None and rng["rng"] is not None:
+        generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
+        head.set_extra_state({**head.get_extra_state(), "rng": generator_state})
 
 
 def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) -> StepSize:
