@@ -9,6 +9,7 @@ BENCHMARKS: dict[str, str] = {
     "head": "largefr.bench.head",
     "data": "largefr.bench.data",
     "train": "largefr.bench.train",
+    "losses": "largefr.bench.losses",
 }
 
 
