@@ -1,6 +1,8 @@
 """Which loss trains best here: the CPU demo recipe trained with each member of the loss family.
 
-Every member trains configs/synthetic_cpu.yaml (iresnet18 width 8, bf16, AdamW, 16 images per rank) for
+Every member trains configs/synthetic_cpu.yaml (iresnet18 width 8, bf16, AdamW, 16 images per rank) -- the
+pair losses and the centre loss through its variants configs/synthetic_cpu_{contrastive,triplet,center}.yaml,
+the margins through ``head.margin`` overrides -- for
 the same number of steps, hence the same number of images, on ``--world-size`` gloo ranks, from the same
 seeded backbone; only the loss (and, for the pair losses, the P x K sampler) differs. The table gives
 the 10-fold verification accuracy on the held-out synthetic identities (``verification.bin``) next to
@@ -21,22 +23,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_cpu.yaml"
-_PK = ["data.sampler=pk", "data.images_per_identity=4"]
-# member -> overrides of the demo recipe; pair losses at K = 4 images x P = 4 identities per rank batch
-MEMBERS: dict[str, list[str]] = {
-    "softmax": ["head.margin=softmax", "head.margin_params={}"],
-    "normface": ["head.margin=normface", "head.margin_params={scale: 32.0}"],
-    "lsoftmax": ["head.margin=lsoftmax", "head.margin_params={margin: 2}"],
-    "sphereface": ["head.margin=sphereface",
-                   "head.margin_params={margin: 4, lambda_base: 1000.0, lambda_min: 5.0, gamma: 0.12, power: 1.0}"],
-    "cosface": ["head.margin=cosface", "head.margin_params={scale: 32.0, margin: 0.25}"],
-    "arcface": ["head.margin=arcface", "head.margin_params={scale: 32.0, margin: 0.3}"],
-    "combined": ["head.margin=combined", "head.margin_params={scale: 32.0, m1: 1.0, m2: 0.2, m3: 0.1}"],
-    "contrastive": ["loss={type: contrastive, margin: 1.0, negatives: all}", *_PK],
-    "triplet": ["loss={type: triplet, margin: 0.2, mining: batch_hard}", *_PK],
-    "softmax+center": ["head.margin=softmax", "head.margin_params={}",
-                       "loss=[{type: margin_softmax}, {type: center, weight: 0.003, alpha: 0.5}]"],
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO = "synthetic_cpu.yaml"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A recipe of configs/ (the demo or one of its loss variants) and overrides of its head margin."""
+
+    recipe: str
+    overrides: tuple[str, ...] = ()
+
+
+def _margin(name: str, params: str) -> Member:
+    return Member(DEMO, (f"head.margin={name}", f"head.margin_params={params}"))
+
+
+MEMBERS: dict[str, Member] = {
+    "softmax": _margin("softmax", "{}"),
+    "normface": _margin("normface", "{scale: 32.0}"),
+    "lsoftmax": _margin("lsoftmax", "{margin: 2}"),
+    "sphereface": _margin("sphereface", "{margin: 4, lambda_base: 1000.0, lambda_min: 5.0, gamma: 0.12, power: 1.0}"),
+    "cosface": Member(DEMO),  # the demo's own margin: s = 32, m = 0.25
+    "arcface": _margin("arcface", "{scale: 32.0, margin: 0.3}"),
+    "combined": _margin("combined", "{scale: 32.0, m1: 1.0, m2: 0.2, m3: 0.1}"),
+    "contrastive": Member("synthetic_cpu_contrastive.yaml"),
+    "triplet": Member("synthetic_cpu_triplet.yaml"),
+    "softmax+center": Member("synthetic_cpu_center.yaml"),
 }
 
 
@@ -95,9 +108,18 @@ def ensure_demo_dataset(out: Path) -> Path:
 
 
 def member_overrides(member: str, data: Path, out: Path, steps: int) -> list[str]:
+    """The bench's settings over the member's recipe: data, output, length (warmup: the demo's 30 steps,
+    at most a tenth of the run), no verification or checkpoints before the end."""
     return [f"data.path={data}", f"output_dir={out}", f"schedule.total_steps={steps}",
             f"schedule.warmup_steps={min(30, steps // 10)}", f"train.log_every={min(25, steps)}",
-            "train.eval_bins=[]", f"checkpoint.every_steps={steps}", "logging.console=false", *MEMBERS[member]]
+            "train.eval_bins=[]", f"checkpoint.every_steps={steps}", "logging.console=false",
+            *MEMBERS[member].overrides]
+
+
+def member_config(member: str, overrides: list[str]) -> Any:
+    from largefr.config import load_config
+
+    return load_config(CONFIGS / MEMBERS[member].recipe, overrides)
 
 
 def accuracy_of(model: Any, bin_path: Path, image_size: int) -> float:
@@ -114,31 +136,30 @@ def untrained_accuracy(data: Path, bin_path: Path) -> float:
     from largefr.config import load_config
     from largefr.train.build import seeded_backbone
 
-    cfg = load_config(CONFIG, [f"data.path={data}"])
+    cfg = load_config(CONFIGS / DEMO, [f"data.path={data}"])
     return accuracy_of(seeded_backbone(cfg), bin_path, cfg.data.image_size)
 
 
-def torchrun_command(overrides: list[str], world: int) -> list[str]:
+def torchrun_command(recipe: Path, overrides: list[str], world: int) -> list[str]:
     """The demo's launch: torchrun on one node, ``world`` CPU ranks (gloo), loader worker processes allowed."""
     sets = [arg for value in overrides for arg in ("--set", value)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
-            str(world), "-m", "largefr", "train", str(CONFIG), "--resume", "none", *sets]
+            str(world), "-m", "largefr", "train", str(recipe), "--resume", "none", *sets]
 
 
 def train_member(member: str, data: Path, bin_path: Path, out: Path, steps: int, world: int,
                  untrained: float) -> LossBenchRow:
     from largefr.backbone_file import load_backbone_from_checkpoint
-    from largefr.config import load_config
     from largefr.train.checkpoint import latest_checkpoint
 
     overrides = member_overrides(member, data, out, steps)
-    cfg = load_config(CONFIG, overrides)  # a bad member recipe fails here, before any rank starts
+    cfg = member_config(member, overrides)  # a bad member recipe fails here, before any rank starts
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     log_path = out.parent / f"{member}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        done = subprocess.run(torchrun_command(overrides, world), stdout=log, stderr=subprocess.STDOUT,
+        done = subprocess.run(torchrun_command(CONFIGS / MEMBERS[member].recipe, overrides, world), stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"member {member}: training failed (exit {done.returncode}), see {log_path}")
