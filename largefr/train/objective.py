@@ -7,8 +7,6 @@ gradient-scale contract (largefr.train.step).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -82,5 +80,5 @@ def build_objective(cfg: Config, ctx: DistContext, head: PartialFC | None) -> Ob
 
 def center_of(objective: Objective) -> ShardedCenterLoss | None:
     """The sharded centre loss of the objective (its centres go into checkpoints), or None."""
-    module: Any = objective.terms["center"] if "center" in objective.terms else None
-    return module
+    module = objective.terms["center"] if "center" in objective.terms else None
+    return module if isinstance(module, ShardedCenterLoss) else None
