@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from largefr.data.identity_balanced import IdentityBalancedPlan, read_label_table
-from largefr.data.loader import LoaderConfig, build_loader, dali_available
+from largefr.data.loader import LoaderConfig
+from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import read_manifest
 from test_data_loader import KINDS, collect, decode_samples, label_of, make_dataset
 
