@@ -22,6 +22,7 @@ from largefr.config_schema import (
     BETAS,
     Check,
     NON_NEGATIVE,
+    Check,
     POSITIVE,
     PROB,
     UNIT,
@@ -51,12 +52,23 @@ class DataConfig(Section):
     image_size: int = _f(112, POSITIVE, "image side in pixels (the dataset's and the backbone's)")
     num_images: int | None = _f(None, POSITIVE, "images in the dataset; null: read from its manifest")
     random_flip: bool = _f(True, help="random horizontal flip of training images")
+    sampler: Literal["uniform", "pk"] = _f("uniform", help="uniform: the epoch order of all samples; pk: P identities "
+                                            "x K images per rank batch (pair and triplet losses need it)")
+    images_per_identity: int = _f(4, POSITIVE, "K of the pk sampler (identities with fewer images: with replacement)")
+    identities_per_batch: int | None = _f(None, POSITIVE, "P of the pk sampler; null: train.batch_size / K "
+                                          "(P x K must be train.batch_size)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.shuffle_buffer and self.loader != "dali":
             raise ConfigError("shuffle_buffer", f"got {self.shuffle_buffer} with loader={self.loader!r}, "
                               "expected 0 (the shuffle buffer is a DALI reader option)")
+        if self.sampler == "pk" and self.images_per_identity < 2:
+            raise ConfigError("images_per_identity", f"got {self.images_per_identity} with sampler 'pk', expected "
+                              "K >= 2 (a P x K batch needs positives)")
+        if self.sampler == "pk" and self.shuffle_buffer:
+            raise ConfigError("shuffle_buffer", f"got {self.shuffle_buffer} with sampler 'pk', expected 0 (a "
+                              "shuffle would break the P x K batches)")
 
 
 @dataclass
@@ -81,6 +93,66 @@ class HeadConfig(Section):
                                                          "written back with stochastic rounding")
     storage_device: str | None = _f(None, help="where W and its optimizer state live, e.g. cpu (host memory, pinned "
                                           "for GPU steps); null: on the training device")
+
+
+UNIT_OR_NULL = Check(lambda v: v is None or 0.0 <= v <= 1.0, "a value in [0, 1]")
+LOSS_FIELDS: dict[str, dict[str, Any]] = {  # the fields each loss type takes, with their defaults
+    "margin_softmax": {},
+    "center": {"alpha": 0.5, "normalize": False},
+    "contrastive": {"margin": 1.0, "negatives": "all", "hardest_k": 1, "normalize": True},
+    "triplet": {"margin": 0.2, "mining": "semi_hard"},
+}
+PAIR_LOSSES = ("contrastive", "triplet")
+
+
+@dataclass
+class LossTermConfig(Section):
+    """One weighted term of the training loss. ``margin_softmax`` is the head (``head.margin``); ``center``
+    (Wen et al.; weight = lambda) needs it; ``contrastive`` / ``triplet`` need ``data.sampler: pk``.
+    Fields a type does not take must stay unset; unset ones get the defaults of LOSS_FIELDS."""
+
+    type: Literal["margin_softmax", "center", "contrastive", "triplet"] = _f(
+        "margin_softmax", help="margin_softmax: the head; center: Wen et al. (needs margin_softmax); contrastive, "
+        "triplet: global-batch pair losses (need data.sampler: pk)")
+    weight: float = _f(1.0, POSITIVE, "factor of this term in the loss (center: the paper's lambda)")
+    margin: float | None = _f(None, POSITIVE, "contrastive m (default 1.0) or triplet alpha (default 0.2)")
+    mining: Literal["batch_all", "batch_hard", "semi_hard"] | None = _f(None, help="triplet mining (default semi_hard)")
+    negatives: Literal["all", "hardest"] | None = _f(None, help="contrastive negatives: all pairs or each anchor's "
+                                                     "hardest_k nearest (default all)")
+    hardest_k: int | None = _f(None, POSITIVE, "contrastive with negatives: hardest (default 1)")
+    normalize: bool | None = _f(None, help="L2-normalise embeddings first (contrastive default true, center false)")
+    alpha: float | None = _f(None, UNIT_OR_NULL, "center: update rate of the centres (default 0.5)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = LOSS_FIELDS[self.type]
+        for name in ("margin", "mining", "negatives", "hardest_k", "normalize", "alpha"):
+            if name not in allowed and getattr(self, name) is not None:
+                raise ConfigError(name, f"got {getattr(self, name)!r}, but a {self.type!r} loss term takes only "
+                                  f"{sorted(['type', 'weight', *allowed])}")
+            if name in allowed and getattr(self, name) is None:
+                setattr(self, name, allowed[name])
+
+
+def _check_loss_terms(terms: list[LossTermConfig], data: DataConfig, batch_size: int) -> None:
+    types = [t.type for t in terms]
+    if not types:
+        raise ConfigError("loss", "is empty; expected one or more terms, e.g. [{type: margin_softmax}]")
+    for i, name in enumerate(types):
+        if name in types[:i]:
+            raise ConfigError(f"loss[{i}].type", f"{name!r} appears twice; expected each loss type at most once")
+    if "center" in types and "margin_softmax" not in types:
+        raise ConfigError("loss", "a 'center' term needs a 'margin_softmax' term beside it (Wen et al. train "
+                          "centre loss jointly with softmax)")
+    pair = [name for name in types if name in PAIR_LOSSES]
+    if pair and data.sampler != "pk":
+        raise ConfigError("data.sampler", f"is {data.sampler!r}, but the {pair[0]!r} loss needs positives in every "
+                          "batch: set data.sampler: pk (P identities x K >= 2 images per batch)")
+    if data.sampler == "pk":
+        k, p = data.images_per_identity, data.identities_per_batch
+        if batch_size % k or (p is not None and p * k != batch_size):
+            raise ConfigError("data.images_per_identity", f"P={p} x K={k} does not make train.batch_size="
+                              f"{batch_size}; expected K to divide it (and P x K = batch size when P is set)")
 
 
 @dataclass
@@ -183,12 +255,22 @@ class Config(Section):
     data: DataConfig = section_field(DataConfig, "dataset and loader")
     model: ModelConfig = section_field(ModelConfig, "backbone")
     head: HeadConfig = section_field(HeadConfig, "Partial FC head and its margin")
+    loss: list[LossTermConfig] = _f([LossTermConfig()], help="weighted loss terms, e.g. [{type: margin_softmax}, "
+                                    "{type: center, weight: 0.003}] or {type: triplet} alone (no head)")
     optim: OptimConfig = section_field(OptimConfig, "optimizers")
     schedule: ScheduleConfig = section_field(ScheduleConfig, "learning-rate schedule (by optimizer step)")
     train: TrainConfig = section_field(TrainConfig, "training loop")
     deepspeed: DeepSpeedConfig = section_field(DeepSpeedConfig, "DeepSpeed ZeRO engine (train.engine: deepspeed)")
     checkpoint: CheckpointConfig = section_field(CheckpointConfig, "training checkpoints (DCP, reshardable)")
     logging: LoggingConfig = section_field(LoggingConfig, "metric loggers")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_loss_terms(self.loss, self.data, self.train.batch_size)
+
+    def loss_term(self, name: str) -> LossTermConfig | None:
+        """The term of type ``name`` in ``loss``, or None."""
+        return next((t for t in self.loss if t.type == name), None)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -215,6 +297,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a plain mapping (e.g. parsed YAML) into a :class:`Config`."""
+    if isinstance(raw, dict) and isinstance(raw.get("loss"), dict):  # ``loss: {type: triplet, ...}``: one term
+        raw = {**raw, "loss": [raw["loss"]]}
     result = convert(raw, Config)
     if not isinstance(result, Config):
         raise ConfigError("", f"expected a mapping at the top level, got {type(raw).__name__}")

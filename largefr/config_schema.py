@@ -236,7 +236,9 @@ def _convert_section(value: Any, cls: type, path: str) -> Any:
 
 
 def plain(value: Any) -> Any:
-    """Tuples to lists (recursively) so safe_dump writes plain YAML."""
+    """Tuples to lists and sections to mappings (recursively) so safe_dump writes plain YAML."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

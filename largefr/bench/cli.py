@@ -10,6 +10,7 @@ BENCHMARKS: dict[str, str] = {
     "data": "largefr.bench.data",
     "train": "largefr.bench.train",
     "scale": "largefr.bench.scale",
+    "losses": "largefr.bench.losses",
 }
 
 

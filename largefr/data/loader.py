@@ -24,8 +24,11 @@ import torch
 
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan, unread_pool
+from largefr.data.identity_balanced import IdentityBalancedPlan, read_label_table
 
 log = logging.getLogger("largefr.data")
+
+SAMPLERS = ("uniform", "pk")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class LoaderConfig:
     prefetch: int = 2
     shuffle_buffer: int = 0
     flip: bool = True
+    sampler: str = "uniform"  # "pk": P x K identity-balanced batches (largefr.data.identity_balanced)
+    images_per_identity: int = 1  # K of the pk sampler (P = batch_size // K)
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("world_size", 1), ("seed", 0), ("num_threads", 0),
@@ -50,6 +55,14 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        k = self.images_per_identity
+        if not isinstance(k, int) or k < 1 or (self.sampler == "pk" and self.batch_size % k):
+            raise ValueError(f"images_per_identity must be an integer >= 1 dividing batch_size={self.batch_size} "
+                             f"(P x K batches), got {k!r}")
+        if self.sampler == "pk" and self.shuffle_buffer:
+            raise ValueError(f"shuffle_buffer={self.shuffle_buffer} would break the pk sampler's P x K batches; use 0")
         if not isinstance(self.device, torch.device):
             raise TypeError(f"device must be a torch.device, got {type(self.device).__name__} {self.device!r}")
 
@@ -111,6 +124,8 @@ class FaceLoader(abc.ABC):
         self.config = config
         self._state = LoaderState()
         manifest.check_files()
+        self._labels = read_label_table(manifest) if config.sampler == "pk" else None
+        self._pk_plan: IdentityBalancedPlan | None = None
         self._plan(0)
 
     @property
@@ -126,13 +141,25 @@ class FaceLoader(abc.ABC):
         return self._state.epoch
 
     def _plan(self, epoch: int, pool: str = "", rank: int | None = None, world_size: int | None = None,
-              batch_size: int | None = None) -> EpochPlan:
+              batch_size: int | None = None) -> EpochPlan | IdentityBalancedPlan:
         c = self.config
+        if self._labels is not None:  # pk: never a pool (see load_rank_states)
+            return self._pk_epoch_plan(epoch)
         return EpochPlan(tuple(self.manifest.shard_counts), c.seed, epoch, c.rank if rank is None else rank,
                          world_size or c.world_size, batch_size or c.batch_size, decode_pool(pool))
 
+    def _pk_epoch_plan(self, epoch: int) -> IdentityBalancedPlan:
+        c = self.config
+        if self._pk_plan is None or self._pk_plan.epoch != epoch:
+            assert self._labels is not None
+            self._pk_plan = IdentityBalancedPlan(tuple(self.manifest.shard_counts), self._labels, c.seed, epoch,
+                                                 c.rank, c.world_size, c.batch_size, c.images_per_identity)
+        return self._pk_plan
+
     def __len__(self) -> int:
         """Batches of a whole epoch (an epoch continued from a pool may have a few more or fewer)."""
+        if self._labels is not None:  # the same for every epoch (a function of the label counts)
+            return self._pk_epoch_plan(self._state.epoch).steps
         return (self.manifest.num_samples // self.config.world_size) // self.config.batch_size
 
     def _pool_steps(self) -> int:
@@ -162,7 +189,10 @@ class FaceLoader(abc.ABC):
 
     def state_dict(self) -> dict[str, Any]:
         c = self.config
-        return {**asdict(self._state), "world_size": c.world_size, "batch_size": c.batch_size, "seed": c.seed}
+        state = {**asdict(self._state), "world_size": c.world_size, "batch_size": c.batch_size, "seed": c.seed}
+        if c.sampler != "uniform":
+            state.update(sampler=c.sampler, images_per_identity=c.images_per_identity)
+        return state
 
     def load_rank_states(self, states: list[dict[str, Any]]) -> None:
         """Resume from the states of *every* rank of a run (rank order), at any world or batch size: at
@@ -178,6 +208,9 @@ class FaceLoader(abc.ABC):
         (saved_world, saved_batch), = sizes
         if (saved_world, saved_batch) == (c.world_size, c.batch_size):
             self.load_state_dict(states[c.rank])
+            return
+        if self._labels is not None:  # pk: the global batches change with the sizes; continue at the rescaled step
+            self.load_state_dict(states[0])
             return
         for state in states:
             self.load_state_dict(state)  # validates each (seed, counts, range), then replaced below
@@ -208,6 +241,10 @@ class FaceLoader(abc.ABC):
         if "seed" in state and _state_ints(state, ("seed",))[0] != c.seed:
             raise ValueError(f"loader state was saved with seed={state['seed']!r}, this loader uses seed={c.seed}: "
                              "the sample order differs, so its position means nothing here")
+        saved_sampler = (state.get("sampler", "uniform"), state.get("images_per_identity", 1))
+        if saved_sampler != (c.sampler, c.images_per_identity if c.sampler != "uniform" else 1):
+            raise ValueError(f"loader state was saved with (sampler, images_per_identity)={saved_sampler}, this "
+                             f"loader uses {(c.sampler, c.images_per_identity)}: another sample order")
         saved_world, saved_batch = _saved_sizes(state, c)
         if epoch < 0 or skipped < 0 or step < 0:
             raise ValueError(f"loader state epoch={epoch}, step={step}, skipped={skipped}: expected integers >= 0")

@@ -37,6 +37,8 @@ def build_loader(
     prefetch: int = 2,
     shuffle_buffer: int = 0,
     flip: bool = True,
+    sampler: str = "uniform",
+    images_per_identity: int = 1,
 ) -> FaceLoader:
     """A loader over the dataset directory ``source`` (or its manifest) for this rank.
 
@@ -45,12 +47,15 @@ def build_loader(
     "auto" (dali when ``nvidia.dali`` imports, else torch). num_threads: DALI threads / torch workers
     (0: decode in this process). prefetch: batches prepared ahead. shuffle_buffer: DALI only, extra
     in-pipeline shuffle of that many samples (0: the exact planned order; see docs/data_format.md).
-    flip: random horizontal flip. Raises if a shard is missing or truncated, naming it.
+    flip: random horizontal flip. sampler: "uniform" (the default) or "pk" (P = batch_size // K identities x
+    K = images_per_identity images per rank batch; see largefr.data.identity_balanced: small identities
+    are drawn with replacement). Raises if a shard is missing or truncated, naming it.
     """
     if kind not in LOADER_KINDS:
         raise ValueError(f"loader kind {kind!r} is not one of {LOADER_KINDS}")
     manifest = source if isinstance(source, Manifest) else read_manifest(source)
-    config = LoaderConfig(batch_size, rank, world_size, seed, device, num_threads, prefetch, shuffle_buffer, flip)
+    config = LoaderConfig(batch_size, rank, world_size, seed, device, num_threads, prefetch, shuffle_buffer, flip,
+                          sampler, images_per_identity)
     if kind == "auto":
         kind = "dali" if dali_available() else "torch"
     if shuffle_buffer and kind == "torch":

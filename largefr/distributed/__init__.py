@@ -11,6 +11,7 @@ from largefr.distributed.collectives import (
     group_rank,
     group_size,
     reduce_scatter_rows,
+    sum_partials_with_grad,
 )
 from largefr.distributed.ddp import allreduce_sum_hook, broadcast_buffers, wrap_ddp_sum
 from largefr.distributed.env import (
@@ -42,5 +43,6 @@ __all__ = [
     "init_from_env",
     "reduce_scatter_rows",
     "shutdown",
+    "sum_partials_with_grad",
     "wrap_ddp_sum",
 ]

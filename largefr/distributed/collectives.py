@@ -116,3 +116,29 @@ def gather_rows_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> t
     if group_size(group) == 1:
         return tensor
     return _AllGatherRows.apply(tensor, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """forward: all-reduce (sum) of per-rank partial losses; backward: identity.
+
+    Every rank holds the same total L = sum_r l_r and calls L.backward(): the identity hands each rank
+    dL/dl_r = 1 for its own part, and the reduce-scatter of :class:`_AllGatherRows` then sums the parts'
+    gradients for each row, so every rank ends with d(L)/d(its local rows).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sum_partials_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum per-rank partial terms of one global loss (see :class:`_AllReduceSum`); identity on one rank."""
+    if group_size(group) == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)

@@ -4,8 +4,10 @@ Backbone: seeded by ``derive_seed(train.seed, "backbone_init")`` (identical on e
 ``largefr train --export-init``), moved to the context's device and wrapped in DDP with a SUM
 all-reduce (see largefr.distributed.ddp),
 or with ``train.engine: deepspeed`` in a DeepSpeed ZeRO engine (largefr.train.deepspeed_engine).
-Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer. Both optimizers
-follow one LR schedule by optimizer step.
+Head: PartialFC over ``ctx.group``, never in DDP, with its own row-sparse optimizer, when the loss has a
+margin_softmax term (a pure contrastive / triplet run has no head and no head optimizer). The loss terms
+form the run's :class:`~largefr.train.objective.Objective`. The optimizers follow one LR schedule by
+optimizer step.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from largefr.models.input import InputBuffer
 from largefr.seeding import derive_seed
 from largefr.train.amp import Precision
 from largefr.train.deepspeed_engine import wrap_deepspeed
+from largefr.train.objective import Objective, build_objective
 from largefr.train.schedule import ScheduledLR, schedule_from_config
 
 
@@ -44,12 +47,13 @@ class TrainParts:
     ctx: DistContext
     model: nn.Module
     ddp: DistributedDataParallel | nn.Module
-    head: PartialFC
+    head: PartialFC | None
     backbone_opt: torch.optim.Optimizer
-    head_opt: torch.optim.Optimizer
+    head_opt: torch.optim.Optimizer | None
     scheduler: ScheduledLR
     precision: Precision
     inputs: InputBuffer  # uint8 batches -> the backbone's float32 input, on ctx.device
+    objective: Objective
     engine: Any = None  # the deepspeed.DeepSpeedEngine (== ddp) with train.engine=deepspeed
 
 
@@ -142,20 +146,21 @@ def seed_rank_streams(seed: int, rank: int) -> None:
 def build_parts(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> TrainParts:
     """Model, DDP, head, optimizers and schedule of a run with ``steps_per_epoch`` optimizer steps per epoch."""
     model = seeded_backbone(cfg).to(ctx.device)
-    head = build_head(cfg, ctx)
+    head = build_head(cfg, ctx) if cfg.loss_term("margin_softmax") is not None else None
+    objective = build_objective(cfg, ctx, head)
     seed_rank_streams(cfg.train.seed, ctx.rank)
     backbone_opt = build_backbone_optimizer(model, cfg.optim.backbone)
     engine = wrap_deepspeed(model, backbone_opt, cfg, ctx) if cfg.train.engine == "deepspeed" else None
     ddp = wrap_ddp_sum(model, ctx) if engine is None else engine
-    head_opt = build_head_optimizer(head, cfg.optim.head)
+    head_opt = build_head_optimizer(head, cfg.optim.head) if head is not None else None
     try:
         schedule = schedule_from_config(cfg.schedule, cfg.train.epochs, steps_per_epoch)
     except ValueError as exc:
         raise ConfigError("schedule", str(exc)) from None
-    scheduler = ScheduledLR([backbone_opt, head_opt], schedule)
+    scheduler = ScheduledLR([opt for opt in (backbone_opt, head_opt) if opt is not None], schedule)
     precision = Precision(cfg.train.precision, ctx.device)
     return TrainParts(cfg, ctx, model, ddp, head, backbone_opt, head_opt, scheduler, precision,
-                      InputBuffer(ctx.device), engine)
+                      InputBuffer(ctx.device), objective, engine)
 
 
 def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> FaceLoader:
@@ -163,6 +168,7 @@ def build_train_loader(cfg: Config, ctx: DistContext, manifest: Manifest) -> Fac
         manifest, batch_size=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
         seed=cfg.train.seed, device=ctx.device, kind=cfg.data.loader, num_threads=cfg.data.num_workers,
         prefetch=cfg.data.prefetch, shuffle_buffer=cfg.data.shuffle_buffer, flip=cfg.data.random_flip,
+        sampler=cfg.data.sampler, images_per_identity=cfg.data.images_per_identity,
     )
 
 

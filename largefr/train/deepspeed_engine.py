@@ -146,7 +146,8 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Conf
 
 
 def engine_step(
-    engine: Any, head: nn.Module, head_opt: torch.optim.Optimizer, scheduler: ScheduledLR, precision: Precision,
+    engine: Any, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    head_opt: torch.optim.Optimizer | None, scheduler: ScheduledLR, precision: Precision,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], ctx: DistContext, clipping: bool,
     inputs: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,14 +163,16 @@ def engine_step(
     for i, (images, labels) in enumerate(micro_batches):
         with precision.autocast():
             embeddings = engine(inputs(images))
-            loss = head(embeddings, labels)
+            loss = objective(embeddings, labels)
         engine.backward(loss)  # loss / count, for the head's gradient too
         total += loss.detach().float() / count
         if i < count - 1:
             engine.step()  # not a boundary: counts the micro-step only
-    head_opt.step()  # at this step's LR, before the engine's step (the scheduler moves after both)
+    if head_opt is not None:
+        head_opt.step()  # at this step's LR, before the engine's step (the scheduler moves after both)
     engine.step()
-    head_opt.zero_grad()
+    if head_opt is not None:
+        head_opt.zero_grad()
     scheduler.step()
     norm = engine.get_global_grad_norm() if clipping else None
     grad_norm = torch.zeros((), device=ctx.device) if norm is None else torch.as_tensor(norm, device=ctx.device).float()

@@ -4,7 +4,9 @@ Items: the backbone and its optimizer (replicated); the head's W slice and its r
 state as row shards of the global [num_classes, D] tensors (their global class range is the shard
 offset, so a checkpoint reshards to another world size); the LR schedule; the loss scaler; the data
 position (replicated: epoch, optimizer step) and each rank's loader state and head sampling RNG
-(per rank); RNG states (added by the checkpoint module). ``config.yaml`` (the resolved config) and
+(per rank); RNG states (added by the checkpoint module). A run without a margin_softmax term has no head
+items; a centre loss adds its centres as row shards of the global [num_classes, D] tensor (same ranges
+as W, so they reshard the same way). ``config.yaml`` (the resolved config) and
 ``meta.json`` (what ``largefr eval`` needs to rebuild the backbone) are written next to them.
 
 Resumed with another world size, batch size or ``train.grad_accum``, a step of the checkpoint holds
@@ -30,6 +32,7 @@ from largefr.distributed.agreement import any_rank
 from largefr.heads import PartialFC
 from largefr.train.build import TrainParts, exported_backbone_meta, steps_per_epoch
 from largefr.train.deepspeed_engine import ENGINE_TAG, load_engine_state, save_engine_state
+from largefr.train.objective import center_of
 from largefr.train.checkpoint import (
     OptimizerState,
     PerRank,
@@ -79,28 +82,36 @@ class StepSize:
 
 
 def checkpoint_state(parts: TrainParts, loader: FaceLoader, progress: Progress) -> dict[str, Any]:
-    head = parts.head
-    rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
-    extra = head.get_extra_state()
     # with train.engine=deepspeed the backbone's optimizer state is the engine's (its ZeRO partitions)
-    backbone_optim = {} if parts.engine is not None else {"backbone_optim": OptimizerState(parts.model, parts.backbone_opt)}
-    return {
-        "backbone": parts.model,
-        **backbone_optim,
-        "head": RowShardedState(HeadWeight(head), rows, num_rows),
-        "head_optim": RowShardedState(parts.head_opt, rows, num_rows),
+    state: dict[str, Any] = {"backbone": parts.model}
+    if parts.engine is None:
+        state["backbone_optim"] = OptimizerState(parts.model, parts.backbone_opt)
+    state.update({
         "scheduler": parts.scheduler,
         "scaler": parts.precision.scaler,
-        "progress": {"step": progress.step, "epoch": progress.epoch, "head_training_forwards": head.training_forwards},
+        "progress": {"step": progress.step, "epoch": progress.epoch},
         "loader": PerRank(loader.state_dict()),
+    })
+    head, center = parts.head, center_of(parts.objective)
+    if head is not None:
+        extra = head.get_extra_state()
+        assert parts.head_opt is not None
+        rows, num_rows = head.row_range, head.num_classes * head.sub_centers  # S sub-centre rows per class
+        state["head"] = RowShardedState(HeadWeight(head), rows, num_rows)
+        state["head_optim"] = RowShardedState(parts.head_opt, rows, num_rows)
+        state["progress"]["head_training_forwards"] = head.training_forwards
         # bytes, not a tensor: a head that has not run yet has no generator, and DCP needs one kind per key
-        "head_rng": PerRank({"rng": None if extra["rng"] is None else extra["rng"].cpu().numpy().tobytes()}),
-    }
+        state["head_rng"] = PerRank({"rng": None if extra["rng"] is None else extra["rng"].cpu().numpy().tobytes()})
+    if center is not None:
+        state["center"] = RowShardedState(center, center.class_range, center.num_classes)
+    return state
 
 
 def check_finite(parts: TrainParts, step: int) -> None:
     """TrainingDiverged on every rank when any rank's parameters or buffers hold a NaN or an infinity."""
-    named = [*parts.model.named_parameters(), *parts.model.named_buffers(), ("head.weight", parts.head.weight)]
+    named = [*parts.model.named_parameters(), *parts.model.named_buffers()]
+    if parts.head is not None:
+        named.append(("head.weight", parts.head.weight))
     bad = nonfinite_tensors(named)
     if any_rank(bool(bad), parts.ctx.group, parts.ctx.device):
         where = f"rank {parts.ctx.rank}: {', '.join(bad[:4])}" if bad else "on another rank"
@@ -142,11 +153,8 @@ def resume(parts: TrainParts, loader: FaceLoader, path: str | Path) -> Progress:
         load_engine_state(parts.engine, Path(path), int(read_meta_json(path)["world_size"]), parts.ctx.world_size)
     progress_state = loaded["progress"]
     progress = Progress(int(progress_state["step"]), int(progress_state["epoch"]))
-    parts.head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
-    rng = loaded["head_rng"]
-    if same_world and rng is not None and rng["rng"] is not None:
-        generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
-        parts.head.set_extra_state({**parts.head.get_extra_state(), "rng": generator_state})
+    if parts.head is not None:
+        _restore_head_counters(parts.head, progress_state, loaded["head_rng"] if same_world else None)
     loader_state = every_rank[parts.ctx.rank] if same_world else every_rank[0]
     loader.load_rank_states(every_rank)  # exact at the same sizes; else the unread samples, dealt anew
     now = StepSize(parts.ctx.world_size, parts.cfg.train.batch_size, parts.cfg.train.grad_accum)
@@ -165,6 +173,14 @@ def _check_engine(path: Path, engine: str) -> None:
         where = f"{ENGINE_TAG}/ (engine state)" if saved == "deepspeed" else "the backbone's torch optimizer state"
         raise ConfigError("train.engine", f"got {engine!r}, but checkpoint {path} was written with "
                           f"train.engine={saved!r} (it holds {where}); resume with train.engine={saved}")
+
+
+def _restore_head_counters(head: PartialFC, progress_state: dict[str, Any], rng: dict[str, Any] | None) -> None:
+    """The head's forward count and (at the same world size) its sampling RNG."""
+    head.training_forwards = int(progress_state.get("head_training_forwards", progress_state.get("head_step", 0)))
+    if rng is not None and rng["rng"] is not None:
+        generator_state = torch.frombuffer(bytearray(rng["rng"]), dtype=torch.uint8)
+        head.set_extra_state({**head.get_extra_state(), "rng": generator_state})
 
 
 def _saved_step_size(path: Path, loader_state: dict[str, Any], now: StepSize) -> StepSize:

@@ -45,7 +45,7 @@ def forward_backward(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tens
             inputs = parts.inputs(images)
             with parts.precision.autocast():
                 embeddings = parts.ddp(inputs)
-                loss = parts.head(embeddings, labels)
+                loss = parts.objective(embeddings, labels)
             parts.precision.scaler.scale(loss / count).backward()
         total += loss.detach().float() / count
     return total
@@ -57,7 +57,7 @@ def apply_gradients(parts: TrainParts) -> tuple[torch.Tensor, torch.Tensor]:
     params = [p for p in parts.model.parameters() if p.grad is not None]
     found_inf = torch.zeros((), device=parts.ctx.device)
     if scaler.enabled:  # row_grad() finalises the head's gradient early: only when it must be unscaled
-        row_grad = parts.head.row_grad()
+        row_grad = parts.head.row_grad() if parts.head is not None else None
         grads = [p.grad for p in params] + ([row_grad.grad] if row_grad is not None else [])
         found_inf = scaler.unscale_(grads, parts.ctx.group)
     clip = parts.cfg.train.clip_grad_norm
@@ -67,10 +67,12 @@ def apply_gradients(parts: TrainParts) -> tuple[torch.Tensor, torch.Tensor]:
         grad_norm = torch.zeros((), device=parts.ctx.device)
     if not scaler.enabled or not bool(found_inf):  # host sync under fp16 only
         parts.backbone_opt.step()
-        parts.head_opt.step()
+        if parts.head_opt is not None:
+            parts.head_opt.step()
     scaler.update(found_inf)
     parts.backbone_opt.zero_grad(set_to_none=True)
-    parts.head_opt.zero_grad()
+    if parts.head_opt is not None:
+        parts.head_opt.zero_grad()
     parts.scheduler.step()
     return grad_norm, found_inf
 
@@ -78,7 +80,7 @@ def apply_gradients(parts: TrainParts) -> tuple[torch.Tensor, torch.Tensor]:
 def train_step(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
     if parts.engine is not None:  # train.engine=deepspeed: the engine reduces, clips and steps the backbone
         clipping = parts.cfg.train.clip_grad_norm is not None
-        return StepResult(*engine_step(parts.engine, parts.head, parts.head_opt, parts.scheduler, parts.precision,
+        return StepResult(*engine_step(parts.engine, parts.objective, parts.head_opt, parts.scheduler, parts.precision,
                                        micro_batches, parts.ctx, clipping, parts.inputs))
     loss = forward_backward(parts, micro_batches)
     grad_norm, skipped = apply_gradients(parts)

@@ -90,7 +90,7 @@ class Trainer:
         self.end = end
         bar = self._progress_bar(end)
         self.parts.ddp.train()
-        self.parts.head.train()
+        self.parts.objective.train()
         first_step = self.progress.step
         self.meter.start(first_step)
         try:
@@ -180,11 +180,13 @@ class Trainer:
         metrics = {
             "loss": loss,
             "lr": self.parts.backbone_opt.param_groups[0]["lr"],
-            "lr_head": self.parts.head_opt.param_groups[0]["lr"],
             "images_per_s": rate,
             "eta_min": eta / 60.0,
             "epoch": self.progress.epoch,
         }
+        if self.parts.head_opt is not None:
+            metrics["lr_head"] = self.parts.head_opt.param_groups[0]["lr"]
+        metrics.update({name: float(value) for name, value in self.parts.objective.stats().items()})
         if self.parts.cfg.train.clip_grad_norm is not None:
             metrics["grad_norm"] = float(result.grad_norm)
         if self.parts.precision.scaler.enabled:

@@ -1,0 +1,30 @@
+"""``largefr bench losses``: every member is a valid recipe of the same images and backbone, differing in
+the loss only; the table prints every row. (Training itself: run the bench, see README.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from largefr.bench.losses import MEMBERS, LossBenchRow, format_table, member_config, member_overrides
+
+
+def test_members_differ_only_in_the_loss(tmp_path: Path) -> None:
+    configs = {m: member_config(m, member_overrides(m, tmp_path / "data", tmp_path / m, 50)) for m in MEMBERS}
+    assert len(MEMBERS) == 10
+    reference = configs["cosface"]
+    for member, cfg in configs.items():
+        images = cfg.train.batch_size * cfg.schedule.total_steps
+        assert images == reference.train.batch_size * reference.schedule.total_steps, member
+        assert (cfg.model, cfg.optim, cfg.train.seed) == (reference.model, reference.optim, reference.train.seed), member
+        assert cfg.output_dir == str(tmp_path / member)
+    assert [t.type for t in configs["triplet"].loss] == ["triplet"] and configs["triplet"].data.sampler == "pk"
+    assert [t.type for t in configs["softmax+center"].loss] == ["margin_softmax", "center"]
+    margins = {cfg.head.margin for m, cfg in configs.items() if m not in ("contrastive", "triplet", "softmax+center")}
+    assert len(margins) == 7
+
+
+def test_table_has_a_row_per_member() -> None:
+    rows = [LossBenchRow("triplet", 10, 320, 0.91, 0.29, 50.0, 0.5, 12.0),
+            LossBenchRow("cosface", 10, 320, 0.93, 0.31, 80.0, 3.2, 10.0)]
+    table = format_table(rows, 0.62).splitlines()
+    assert table[0] == "untrained: 0.620" and len(table) == 4
+    assert table[2].split()[:5] == ["triplet", "10", "320", "0.910", "+0.290"]
