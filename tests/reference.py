@@ -105,7 +105,8 @@ def reference_logits(margin: M.Margin, x: torch.Tensor, w: torch.Tensor, labels:
         target = x_norm * (lam * c + psi) / (1 + lam)
     elif isinstance(margin, M.LSoftmax):
         logits = x @ w.T
-        target = x_norm * w_norm[labels] * _psi(theta, margin.margin)
+        lam = margin.annealing_lambda(step)
+        target = x_norm * w_norm[labels] * (lam * c + _psi(theta, margin.margin)) / (1 + lam)
     else:
         s = margin.feature_scale
         logits = s * cos
@@ -148,6 +149,7 @@ ALL_MARGINS: list[M.Margin] = [
     M.CosFace(scale=16.0, margin=0.35),
     M.ArcFace(scale=16.0, margin=0.5),
     M.CombinedMargin(scale=16.0, m1=0.9, m2=0.4, m3=0.15),
+    M.LSoftmax(margin=3, lambda_base=100.0, lambda_min=2.0),  # annealed (appended: tests index this list)
 ]
 
 # the modern margins at small scales (s = 16 keeps float32 sums well inside the test tolerances)

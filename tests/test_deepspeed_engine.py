@@ -29,7 +29,8 @@ from largefr.distributed import DistContext
 from largefr.heads.sampling import init_weight_rows
 from largefr.train import deepspeed_engine
 from largefr.train.build import build_parts
-from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint, read_meta
+from largefr.train.checkpoint import completed_checkpoints, latest_checkpoint
+from largefr.backbone_file import read_meta_json as read_meta
 from largefr.train.deepspeed_engine import ENGINE_TAG, deepspeed_config
 from largefr.train.step import train_step
 from multirank import run_ranks

@@ -16,6 +16,8 @@ POSITIONAL_AND_KEYWORD = [
     (margins.ArcFace(64, 0.3), margins.ArcFace(scale=64, margin=0.3)),
     (margins.CombinedMargin(64, 1.0, 0.3, 0.2), margins.CombinedMargin(scale=64, m1=1.0, m2=0.3, m3=0.2)),
     (margins.LSoftmax(4), margins.LSoftmax(margin=4)),
+    (margins.LSoftmax(2, 100.0, 3.0, 0.1, 2.0),
+     margins.LSoftmax(margin=2, lambda_base=100.0, lambda_min=3.0, gamma=0.1, power=2.0)),
     (margins.SphereFace(4, 10.0, 1.0, 0.1, 1.0),
      margins.SphereFace(margin=4, lambda_base=10.0, lambda_min=1.0, gamma=0.1, power=1.0)),
 ]

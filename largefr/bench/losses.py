@@ -42,7 +42,7 @@ def _margin(name: str, params: str) -> Member:
 MEMBERS: dict[str, Member] = {
     "softmax": _margin("softmax", "{}"),
     "normface": _margin("normface", "{scale: 32.0}"),
-    "lsoftmax": _margin("lsoftmax", "{margin: 2}"),
+    "lsoftmax": _margin("lsoftmax", "{margin: 2, lambda_base: 1000.0, lambda_min: 5.0, gamma: 0.12, power: 1.0}"),
     "sphereface": _margin("sphereface", "{margin: 4, lambda_base: 1000.0, lambda_min: 5.0, gamma: 0.12, power: 1.0}"),
     "cosface": Member(DEMO),  # the demo's own margin: s = 32, m = 0.25
     "arcface": _margin("arcface", "{scale: 32.0, margin: 0.3}"),

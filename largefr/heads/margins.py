@@ -114,36 +114,23 @@ class ArcFace(NormalizedMargin):
 
 @dataclass(frozen=True)
 class LSoftmax(Margin):
-    """L-Softmax: target ||W_y|| ||x|| psi(theta_y), others x . W_j (no normalisation). Positional: (margin)."""
+    """L-Softmax (Liu et al., ICML 2016): target ||W_y|| ||x|| psi(theta_y), others x . W_j (no
+    normalisation). Positional: (margin, lambda_base, lambda_min, gamma, power).
 
-    margin: int = 2
-
-    def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
-        return multiplicative_angular_psi(theta_of(cos), self.margin)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.margin, bool) or not (isinstance(self.margin, int) and self.margin >= 1):
-            raise ValueError(f"{type(self).__name__}: margin must be an integer >= 1, got {self.margin!r}")
-
-
-@dataclass(frozen=True)
-class SphereFace(LSoftmax):
-    """A-Softmax: W normalised, scale ||x||, target ||x|| psi(theta_y).
-    Positional: (margin, lambda_base, lambda_min, gamma, power).
-
-    Optional annealing blends in the plain cosine: f = (lambda cos + psi) / (1 + lambda), with
-    lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power). Off by default (lambda_base = 0).
+    The paper trains it by annealing: the target's psi is blended with the plain cosine,
+    f = (lambda cos + psi) / (1 + lambda), with lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power)
+    over the head's training forwards. Off by default (lambda_base = 0).
     """
 
-    normalize_weight: ClassVar[bool] = True
-    margin: int = 4
+    margin: int = 2
     lambda_base: float = 0.0
     lambda_min: float = 0.0
     gamma: float = 0.12
     power: float = 1.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if isinstance(self.margin, bool) or not (isinstance(self.margin, int) and self.margin >= 1):
+            raise ValueError(f"{type(self).__name__}: margin must be an integer >= 1, got {self.margin!r}")
         for name in ("lambda_base", "lambda_min", "gamma", "power"):
             check_number(self, name, getattr(self, name))
 
@@ -153,9 +140,18 @@ class SphereFace(LSoftmax):
         return max(self.lambda_min, self.lambda_base * (1.0 + self.gamma * step) ** (-self.power))
 
     def target_cosine(self, cos: torch.Tensor, step: int) -> torch.Tensor:
-        psi = super().target_cosine(cos, step)
+        psi = multiplicative_angular_psi(theta_of(cos), self.margin)
         lam = self.annealing_lambda(step)
         return psi if lam == 0.0 else (lam * cos + psi) / (1.0 + lam)
+
+
+@dataclass(frozen=True)
+class SphereFace(LSoftmax):
+    """A-Softmax (Liu et al., CVPR 2017): as L-Softmax with W normalised: scale ||x||, target
+    ||x|| psi(theta_y), the same optional annealing. Positional: (margin, lambda_base, lambda_min, gamma, power)."""
+
+    normalize_weight: ClassVar[bool] = True
+    margin: int = 4
 
 
 MARGINS: dict[str, type[Margin]] = {
