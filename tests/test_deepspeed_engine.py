@@ -122,15 +122,16 @@ def mean_reduction_run(ctx: DistContext) -> dict:
 
 
 def trajectory(ctx: DistContext, stage: int | None) -> list[float]:
-    """20 steps in training mode on fixed random data (2 images per rank), clipping active."""
+    """20 steps in training mode on one fixed random batch (2 images per rank), clipping active."""
     parts = build_parts(with_engine(tiny_config(clip_grad_norm=CLIP), stage), ctx, steps_per_epoch=10)
     parts.ddp.train()
     g = torch.Generator().manual_seed(5)
+    # one fixed batch of uint8 images (the loaders' output), so that the loss must fall as it is fitted
+    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, 112, 112), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
+    mine = slice(ctx.rank * 2, ctx.rank * 2 + 2)
     losses = []
     for _ in range(TRAJECTORY_STEPS):
-        images = torch.randn(GLOBAL_BATCH, 3, 112, 112, generator=g)
-        labels = torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
-        mine = slice(ctx.rank * 2, ctx.rank * 2 + 2)
         losses.append(float(train_step(parts, [(images[mine], labels[mine])]).loss))
     return losses
 

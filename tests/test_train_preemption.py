@@ -97,7 +97,7 @@ def child_pids() -> list[int]:
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
 def test_loader_workers_survive_the_sigterm_meant_for_the_training_process(dataset):
-    from largefr.data.loader import build_loader
+    from largefr.data.loader_factory import build_loader
 
     loader = build_loader(dataset, batch_size=2, kind="torch", num_threads=1, prefetch=1)
     batches = iter(loader)

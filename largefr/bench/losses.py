@@ -50,6 +50,13 @@ MEMBERS: dict[str, Member] = {
     "contrastive": Member("synthetic_cpu_contrastive.yaml"),
     "triplet": Member("synthetic_cpu_triplet.yaml"),
     "softmax+center": Member("synthetic_cpu_center.yaml"),
+    # the modern margins at the papers' parameters, with the demo's scale 32 and margins sized like arcface's
+    "curricularface": _margin("curricularface", "{scale: 32.0, margin: 0.3}"),
+    "adaface": _margin("adaface", "{scale: 32.0, margin: 0.3, h: 0.333}"),
+    "magface": _margin("magface", "{scale: 32.0}"),
+    "subcenter_arcface": _margin("subcenter_arcface", "{scale: 32.0, margin: 0.3, sub_centers: 3}"),
+    "elastic_arcface": _margin("elastic_arcface", "{scale: 32.0, margin: 0.3, sigma: 0.05}"),
+    "elastic_cosface": _margin("elastic_cosface", "{scale: 32.0, margin: 0.25, sigma: 0.05}"),
 }
 
 

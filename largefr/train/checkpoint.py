@@ -173,7 +173,7 @@ def save_checkpoint(
         dcp.save(to_save, checkpoint_id=str(tmp), process_group=ctx.group)
     if write_more is not None:
         write_more(tmp)
-        dist.barrier(group=ctx.group)
+        barrier(ctx.group)
 
     def publish() -> None:
         info = {**(meta or {}), "step": step, "world_size": ctx.world_size, "format": "largefr-dcp-v1"}
