@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed import all_gather_rows, gather_rows_with_grad, group_rank, group_size, sum_partials_with_grad
+from largefr.heads.input_checks import check_embeddings_and_labels
 from largefr.heads.sampling import shard_range
 
 
@@ -84,14 +85,7 @@ class ShardedCenterLoss(nn.Module):
         self.centers.index_add_(0, local, (-self.alpha * delta * weight).to(self.centers.dtype))
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or embeddings.shape[0] == 0:
-            raise ValueError(f"embeddings must be [B, {self.embedding_size}] with B >= 1, got {list(embeddings.shape)}")
-        if not embeddings.is_floating_point():
-            raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"labels must be [B={embeddings.shape[0]}], got {list(labels.shape)}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"labels must be int64 (or int32) class ids, got {labels.dtype}")
+        check_embeddings_and_labels(embeddings, labels, self.embedding_size)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, class_range={self.class_range}, alpha={self.alpha}, "

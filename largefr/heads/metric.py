@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed import ProcessGroup, ReduceOp
 
 from largefr.distributed import all_gather_rows, all_reduce_, gather_rows_with_grad, group_rank, sum_partials_with_grad
+from largefr.heads.input_checks import check_embeddings_and_labels
 
 MINING_MODES = ("batch_all", "batch_hard", "semi_hard")
 NEGATIVE_MODES = ("all", "hardest")
@@ -48,20 +49,9 @@ class PairView:
     negative: torch.Tensor  # other label
 
 
-def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"embeddings must be [B, D] with B >= 1, got {list(embeddings.shape)}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels must be [B={embeddings.shape[0]}], got {list(labels.shape)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 (or int32) class ids, got {labels.dtype}")
-
-
 def pair_view(embeddings: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None, normalize: bool) -> PairView:
     """Gather the batch and form this rank's anchor rows of the distance matrix (see module doc)."""
-    _check_inputs(embeddings, labels)
+    check_embeddings_and_labels(embeddings, labels)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     with torch.autocast(embeddings.device.type, enabled=False):
         x_all = gather_rows_with_grad(embeddings.to(dtype), group)

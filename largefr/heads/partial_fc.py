@@ -22,6 +22,7 @@ from largefr.distributed import (
     group_rank,
     group_size,
 )
+from largefr.heads.input_checks import check_embeddings_and_labels
 from largefr.heads.factored_grad import FactoredWeightGrad
 from largefr.heads.margin_base import Margin
 from largefr.heads.margin_runtime import (
@@ -267,14 +268,7 @@ class PartialFC(nn.Module):
             self._rng(self.compute_device).set_state(state["rng"])
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or embeddings.shape[0] == 0:
-            raise ValueError(f"embeddings must be [B, {self.embedding_size}] with B >= 1, got {list(embeddings.shape)}")
-        if not embeddings.is_floating_point():
-            raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"labels must be [B={embeddings.shape[0]}], got {list(labels.shape)}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"labels must be int64 (or int32) class ids, got {labels.dtype}")
+        check_embeddings_and_labels(embeddings, labels, self.embedding_size)
         if embeddings.device != self.compute_device or labels.device != self.compute_device:
             raise ValueError(
                 f"embeddings ({embeddings.device}) and labels ({labels.device}) must be on the head's "
