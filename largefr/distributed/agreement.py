@@ -1,7 +1,6 @@
 """Small host-side agreements between ranks: one decision taken by every rank alike.
 
 - :func:`any_rank`: True on every rank when ``flag`` is True on at least one (all-reduce MAX of one int).
-- :func:`broadcast_from_rank0`: rank 0's picklable value on every rank (broadcast_object_list).
 - :func:`rank0_decides`: run a function on rank 0 only; every rank receives its result or raises its error.
 """
 from __future__ import annotations
@@ -12,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 
+from largefr.distributed.collectives import broadcast_object
+
 T = TypeVar("T")
 
 
@@ -20,13 +21,6 @@ def any_rank(flag: bool, group: ProcessGroup, device: torch.device) -> bool:
     value = torch.tensor(int(bool(flag)), dtype=torch.int32, device=device)
     dist.all_reduce(value, op=ReduceOp.MAX, group=group)
     return bool(value.item())
-
-
-def broadcast_from_rank0(value: Any, group: ProcessGroup) -> Any:
-    """Rank 0's ``value`` (picklable) on every rank of ``group``."""
-    box = [value if dist.get_rank(group) == 0 else None]
-    dist.broadcast_object_list(box, group=group, group_src=0)
-    return box[0]
 
 
 class RemoteError(RuntimeError):
@@ -43,8 +37,8 @@ def rank0_decides(fn: Callable[[], T], group: ProcessGroup) -> T:
             result = fn()
         except Exception as exc:  # re-raised below, after the other ranks heard of it
             error = exc
-    payload = broadcast_from_rank0(
-        (None, f"{type(error).__name__}: {error}") if error is not None else (result, None), group)
+    payload = broadcast_object(
+        (None, f"{type(error).__name__}: {error}") if error is not None else (result, None), group, src=0)
     if error is not None:
         raise error
     if payload[1] is not None:
