@@ -113,7 +113,7 @@ class PartialFC(nn.Module):
         return self.grad_anchor.device
 
     def _apply(self, fn: Any, recurse: bool = True) -> "PartialFC":
-        # .to()/.cuda() move the module (the compute device) but not separately stored weights
+        # .to() moves the module (the compute device) but not separately stored weights
         if not self.store.separate:
             return super()._apply(fn, recurse)
         weight = self._parameters.pop("weight")
