@@ -1,8 +1,9 @@
 """Memory planner: bytes per rank of a training configuration, before any of it is allocated.
 
 Head terms follow the head's own buffers (largefr.heads): the W slice and its optimizer state on the
-largest rank (in their storage dtypes; in host memory when ``storage="host"``), the sampled rows gathered for the GEMMs, their gradient, the logits buffer (bounded by
-``chunk_rows``) and, under autocast, the low-precision copy of the rows. Backbone terms count parameters on
+largest rank (in their storage dtypes; in host memory when ``storage="host"``), the sampled rows gathered for
+the GEMMs (in 16 bits when W is stored in the autocast dtype), their gradient, the logits buffer (bounded by
+``chunk_rows``) and, under autocast of fp32 rows, their low-precision copy. Backbone terms count parameters on
 the meta device (no memory), their gradients and optimizer state, and activations saved for backward,
 measured by running one 112x112 sample through the backbone with saved-tensor hooks.
 """
@@ -49,9 +50,15 @@ class PlanInput:
         return self.state_dtype or self.weight_dtype
 
     @property
+    def rows_dtype(self) -> Precision:
+        """dtype of the gathered rows: W's 16-bit dtype when the GEMMs run in it, else fp32
+        (largefr.heads.sharded_softmax.compute_rows_dtype)."""
+        return self.weight_dtype if self.weight_dtype != "fp32" and self.weight_dtype == self.precision else "fp32"
+
+    @property
     def direct(self) -> bool:
-        """W is used in place (fp32, on the device): nothing is gathered at r = 1."""
-        return self.weight_dtype == "fp32" and self.storage == "device"
+        """W is used in place (on the device, in the rows' dtype): nothing is gathered at r = 1."""
+        return self.weight_dtype == self.rows_dtype and self.storage == "device"
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "embedding_size", "world_size", "batch_size", "image_size"):
@@ -103,11 +110,11 @@ def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
     n = inp.batch_size * inp.world_size
     single_chunk = inp.chunk_rows is None or inp.chunk_rows >= n
     terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
-    if inp.sample_rate < 1.0 or not inp.direct:  # fp32 compute rows gathered from the store
-        terms["head: gathered sampled rows"] = k * d * 4
+    if inp.sample_rate < 1.0 or not inp.direct:  # compute rows gathered from the store
+        terms["head: gathered sampled rows"] = k * d * DTYPE_BYTES[inp.rows_dtype]
     if not single_chunk:  # one chunk: the gradient stays factored (logits buffer x embeddings)
         terms["head: sampled-row gradient"] = k * d * 4
-    if inp.precision != "fp32":
+    if inp.precision != inp.rows_dtype:  # the GEMMs' copy of fp32 rows
         terms["head: low-precision rows"] = k * d * 2
     return terms
 

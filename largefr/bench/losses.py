@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None, help="dataset dir with verification.bin (default: write one)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/losses"), help="runs and dataset go here")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every member, e.g. train.precision=fp32 on a CPU "
+                             "without native bf16 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"untrained network: verification accuracy {untrained:.3f}", flush=True)
     rows = []
     for member in members:
-        rows.append(train_member(member, data, bin_path, args.out / member, args.steps, args.world_size, untrained))
+        rows.append(train_member(member, data, bin_path, args.out / member, args.steps, args.world_size, untrained,
+                                 tuple(args.extra)))
         print(f"{member}: accuracy {rows[-1].accuracy:.3f} ({rows[-1].seconds:.0f} s)", flush=True)
     print(format_table(rows, untrained))
     if args.json:
@@ -114,13 +118,13 @@ def ensure_demo_dataset(out: Path) -> Path:
     return out
 
 
-def member_overrides(member: str, data: Path, out: Path, steps: int) -> list[str]:
+def member_overrides(member: str, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
     """The bench's settings over the member's recipe: data, output, length (warmup: the demo's 30 steps,
-    at most a tenth of the run), no verification or checkpoints before the end."""
+    at most a tenth of the run), no verification or checkpoints before the end; then the user's ``extra``."""
     return [f"data.path={data}", f"output_dir={out}", f"schedule.total_steps={steps}",
             f"schedule.warmup_steps={min(30, steps // 10)}", f"train.log_every={min(25, steps)}",
             "train.eval_bins=[]", f"checkpoint.every_steps={steps}", "logging.console=false",
-            *MEMBERS[member].overrides]
+            *MEMBERS[member].overrides, *extra]
 
 
 def member_config(member: str, overrides: list[str]) -> Any:
@@ -155,11 +159,11 @@ def torchrun_command(recipe: Path, overrides: list[str], world: int) -> list[str
 
 
 def train_member(member: str, data: Path, bin_path: Path, out: Path, steps: int, world: int,
-                 untrained: float) -> LossBenchRow:
+                 untrained: float, extra: tuple[str, ...] = ()) -> LossBenchRow:
     from largefr.backbone_file import load_backbone_from_checkpoint
     from largefr.train.checkpoint import latest_checkpoint
 
-    overrides = member_overrides(member, data, out, steps)
+    overrides = member_overrides(member, data, out, steps, extra)
     cfg = member_config(member, overrides)  # a bad member recipe fails here, before any rank starts
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()

@@ -49,7 +49,9 @@ class FactoredWeightGrad:
     def block(
         self, a: int, b: int, w_rows: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Gradient rows [a, b) into ``out`` [b - a, D] (fp32); ``w_rows`` are the W rows [a, b)."""
+        """Gradient rows [a, b) into ``out`` [b - a, D] (fp32); ``w_rows`` are the W rows [a, b) (any float dtype)."""
+        if w_rows.dtype != out.dtype:
+            w_rows = w_rows.to(out.dtype)
         if self.dense is not None:
             out.copy_(self.dense[a:b])
         else:

@@ -22,7 +22,7 @@ from largefr.distributed import (
     group_rank,
     group_size,
 )
-from largefr.heads.input_checks import check_embeddings_and_labels
+from largefr.heads.input_checks import check_embeddings_and_labels, check_labels
 from largefr.heads.factored_grad import FactoredWeightGrad
 from largefr.heads.margin_base import Margin
 from largefr.heads.margin_runtime import (
@@ -34,7 +34,8 @@ from largefr.heads.margin_runtime import (
 )
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
 from largefr.heads.row_optim import build_row_optimizer
-from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec
+from largefr.heads.row_selection import RowGatherer, RowSelection
+from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec, compute_rows_dtype, gemm_dtype
 from largefr.heads.sampling import init_weight_rows, sample_classes, shard_range
 from largefr.heads.weight_store import WeightStore, resolve_device, resolve_dtype, seeded_generator
 from largefr.heads.workspace import Lease, Workspace
@@ -59,7 +60,8 @@ class PartialFC(nn.Module):
             the label range and finiteness of the gathered batch (host syncs). Without it, unequal batch
             sizes fail inside the collective. Shape and dtype checks always run.
         weight_dtype: storage dtype of the W slice (torch.float32, bfloat16 or float16, or "fp32"/"bf16"/"fp16").
-            Rows are computed on in fp32 and written back by the optimizer with stochastic rounding.
+            Sampled rows are gathered in fp32 (kept in 16 bits when autocast runs the GEMMs in W's own dtype),
+            updated in fp32 and written back by the optimizer with stochastic rounding.
         storage_device: where W (and its optimizer state) lives, e.g. "cpu" for host-resident weights
             while the module (the compute device) is moved elsewhere with ``.to()``; pinned when the compute
             device is an accelerator. Only the sampled rows travel (largefr.heads.weight_store). None: W
@@ -106,6 +108,8 @@ class PartialFC(nn.Module):
         self._generator: torch.Generator | None = None
         self._pending: list[SparseRowGrad] = []
         self._workspace = Workspace()
+        self._prefetched: RowSelection | None = None
+        self._gatherer = RowGatherer()
 
     @property
     def compute_device(self) -> torch.device:
@@ -138,34 +142,46 @@ class PartialFC(nn.Module):
         """The margin's state (EMAs) by name: the head's ``margin_<name>`` buffers."""
         return {n[len(STATE_PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(STATE_PREFIX)}
 
+    def prefetch(self, labels: torch.Tensor) -> None:
+        """Choose this step's W rows from its labels before the embeddings exist (e.g. before the backbone's
+        forward): gathers the labels over the group and draws the sample now; with a separately stored W
+        the rows are gathered on a worker thread while the caller goes on (largefr.heads.row_selection).
+        The next ``forward`` must get this same labels tensor; results are those of a forward without it."""
+        if self._prefetched is not None:
+            raise RuntimeError("prefetch() was called twice without a forward in between")
+        check_labels(labels)
+        if labels.device != self.compute_device:
+            raise ValueError(f"labels ({labels.device}) must be on the head's compute device {self.compute_device}")
+        self._prefetched = self._select(labels, background=self.store.separate)
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(embeddings, labels)
-        if self.validate:
-            _check_batch_sizes(embeddings.shape[0], embeddings.device, self.process_group)
-        labels = labels.long()
+        selection, self._prefetched = self._prefetched, None
+        if selection is not None and selection.labels is not labels:
+            raise ValueError("forward() got another labels tensor than the one given to prefetch() for this step")
+        if selection is None:
+            selection = self._select(labels, background=False)
         x_all = gather_rows_with_grad(embeddings.float(), self.process_group)
         if x_all.data_ptr() == embeddings.data_ptr():
             # one rank, fp32: the factored W gradient keeps x until the optimizer step, so it must not
             # alias a tensor the caller may change first (e.g. embeddings updated by their own optimizer)
             x_all = x_all.clone()
-        labels_all = all_gather_rows(labels, self.process_group)
-        if self.validate:
-            _check_values(x_all, labels_all, self.num_classes)
-        start, stop = self.class_range
-        owned = (labels_all >= start) & (labels_all < stop)
-        ids, cols, w_rows, inv_norm, leases = self._select_rows(labels_all - start, owned)
+        if self.validate and not bool(torch.isfinite(x_all).all()):  # host sync, same verdict on every rank
+            raise ValueError("embeddings contain NaN or Inf")
         x_op = x_all
         if self.margin.normalize_features:
             x_op = x_all * (self.margin.feature_scale / torch.linalg.vector_norm(x_all, dim=1, keepdim=True).clamp_min(1e-12))
         hooks = margin_step(self.margin, x_all, self.training_forwards, self.seed, self.training, self.margin_state)
-        sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, leases)
+        selection.wait()
+        ids, w_rows = selection.ids, selection.rows
+        sink = functools.partial(self._record_grad, ids, w_rows if ids is not None else None, selection.leases)
         spec = ShardedSoftmaxSpec(
             group=self.process_group, num_rows=x_all.shape[0], normalize_weight=self.margin.normalize_weight,
             target_fn=hooks.target_fn, chunk_rows=self.chunk_rows, workspace=self._workspace, grad_sink=sink,
-            w_inv_norm=inv_norm, sub_centers=self.sub_centers, row_params=hooks.row_params,
+            w_inv_norm=selection.inv_norm, sub_centers=self.sub_centers, row_params=hooks.row_params,
             nontarget=hooks.nontarget, nontarget_needs_target_cosine=hooks.needs_target_cosine,
         )
-        loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, cols, self.grad_anchor, spec)
+        loss = ShardedMarginSoftmaxCE.apply(x_op, x_all, w_rows, selection.cols, self.grad_anchor, spec)
         regularizer = sample_regularizer_loss(self.margin, embeddings, x_all)
         if regularizer is not None:
             loss = loss + regularizer
@@ -173,36 +189,51 @@ class PartialFC(nn.Module):
             self.training_forwards += 1
         return loss
 
-    def _select_rows(
-        self, local_labels: torch.Tensor, owned: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[Lease, ...]]:
-        """(local W row ids or None for all, label columns, W rows [S*K, D], 1/||row|| or None, buffer leases)."""
-        start = self.class_range[0]
+    def _select(self, labels: torch.Tensor, background: bool) -> RowSelection:
+        """Gather the labels, check them, draw this rank's rows and gather them (inline or in the background)."""
+        if self.validate:
+            _check_batch_sizes(labels.shape[0], labels.device, self.process_group)
+        labels_all = all_gather_rows(labels.long(), self.process_group)
+        if self.validate:
+            _check_label_range(labels_all, self.num_classes)
+        start, stop = self.class_range
+        owned = (labels_all >= start) & (labels_all < stop)
+        local_labels = labels_all - start
         weight, device = self.weight.detach(), self.compute_device
-        direct = self.store.is_direct(weight, device)
-        if self.sample_rate >= 1.0 and direct:
-            self.sampled_class_ids = torch.arange(start, self.class_range[1], device=device)
-            return None, torch.where(owned, local_labels, torch.full_like(local_labels, -1)), weight, None, ()
-        if self.sample_rate >= 1.0:  # every row, gathered from the store into fp32 compute rows
+        rows_dtype = compute_rows_dtype(self.store.dtype, gemm_dtype(device))
+        no_target = torch.full_like(local_labels, -1)
+        if self.sample_rate >= 1.0 and self.store.is_direct(weight, device, rows_dtype):
+            self.sampled_class_ids = torch.arange(start, stop, device=device)
+            return RowSelection(labels, None, torch.where(owned, local_labels, no_target), weight, None)
+        if self.sample_rate >= 1.0:  # every row, gathered from the store into compute rows
             class_ids = torch.arange(self.num_local_classes, device=device)
-            cols = torch.where(owned, local_labels, torch.full_like(local_labels, -1))
+            cols = torch.where(owned, local_labels, no_target)
         else:
             # in eval mode the draw comes from a generator of its own: evaluating never shifts the training draws
             rng = self._rng(device) if self.training else self._eval_rng(device)
             class_ids, cols = sample_classes(local_labels, owned, self.num_local_classes, self.sample_rate, rng)
+        self.sampled_class_ids = class_ids + start
         ids = expand_sub_center_rows(class_ids, self.sub_centers)  # Partial FC samples classes, not sub-centres
-        rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), torch.float32, device)
+        rows, lease = self._workspace.take("w_rows", (ids.numel(), self.embedding_size), rows_dtype, device)
         inv_norm = torch.empty(ids.numel(), device=device) if self.margin.normalize_weight else None
-        # gather in blocks so each block's norms are taken while it is still in cache
+        selection = RowSelection(labels, ids, cols, rows, inv_norm, (lease,))
+        gather = functools.partial(self._gather_rows, weight, ids, rows, inv_norm)
+        if background:
+            selection.pending, selection.stream = self._gatherer.start(gather, device)
+        else:
+            gather()
+        return selection
+
+    def _gather_rows(self, weight: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor | None) -> None:
+        """W rows ``ids`` into ``rows`` (fp32, or W's 16-bit dtype when the GEMMs run in it: compute_rows_dtype)
+        and their 1/||row||, in blocks so each block's norms are taken while it is still in cache."""
         for a in range(0, ids.numel(), BLOCK_ROWS):
             block = rows[a : a + BLOCK_ROWS]
             self.store.read_rows(weight, ids, a, a + BLOCK_ROWS, block)
             if inv_norm is not None:
-                torch.linalg.vector_norm(block, dim=1, out=inv_norm[a : a + BLOCK_ROWS])
+                torch.linalg.vector_norm(block, dim=1, dtype=torch.float32, out=inv_norm[a : a + BLOCK_ROWS])
         if inv_norm is not None:
             inv_norm.clamp_min_(1e-12).reciprocal_()
-        self.sampled_class_ids = class_ids + start
-        return ids, cols, rows, inv_norm, (lease,)
 
     def _rng(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None or self._generator.device != device:
@@ -306,13 +337,9 @@ def _check_batch_sizes(batch: int, device: torch.device, group: ProcessGroup | N
         )
 
 
-def _check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    """Range and finiteness checks on the gathered batch (same verdict on every rank; one host sync)."""
-    low, high = torch.aminmax(labels)
-    finite = torch.isfinite(embeddings).all()
-    low, high, finite = int(low), int(high), bool(finite)
+def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Range check on the gathered labels (same verdict on every rank; one host sync)."""
+    low, high = (int(v) for v in torch.aminmax(labels))
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"label {bad} is outside [0, num_classes={num_classes})")
-    if not finite:
-        raise ValueError("embeddings contain NaN or Inf")

@@ -130,8 +130,10 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         rounding = self._rounding_generator(device) if low_precision else None
         for a in range(0, row_grad.num_rows, UPDATE_BLOCK_ROWS):
             b = min(a + UPDATE_BLOCK_ROWS, row_grad.num_rows)
-            if row_grad.rows is not None:  # gathered (fp32, compute device) in the forward
+            if row_grad.rows is not None and row_grad.rows.dtype == torch.float32:  # gathered in the forward
                 rows, in_place = row_grad.rows[a:b], False
+            elif row_grad.rows is not None:  # gathered in 16 bits for the GEMMs: the update runs in fp32
+                rows, in_place = rows_buf[: b - a].copy_(row_grad.rows[a:b]), False
             else:
                 rows, in_place = store.read_rows(weight, ids, a, b, rows_buf[: b - a])
             grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])

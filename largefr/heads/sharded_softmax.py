@@ -78,11 +78,18 @@ def _autocast_type(device: torch.device) -> str:
     return "cpu" if device.type == "meta" else device.type
 
 
-def _gemm_dtype(device: torch.device) -> torch.dtype | None:
+def gemm_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the logits GEMMs, or None when autocast is off."""
     if torch.is_autocast_enabled(_autocast_type(device)):
         return torch.get_autocast_dtype(_autocast_type(device))
     return None
+
+
+def compute_rows_dtype(storage_dtype: torch.dtype, gemm: torch.dtype | None) -> torch.dtype:
+    """The dtype the sampled W rows are gathered in: the storage dtype when it is the GEMMs' own 16-bit
+    dtype (the rows then feed the GEMMs as they are: no fp32 copy and no low-precision copy, k*D*4 bytes
+    fewer), else fp32. Both hold the same values: a 16-bit row upcast to fp32 and cast back is exact."""
+    return storage_dtype if storage_dtype != torch.float32 and storage_dtype == gemm else torch.float32
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
@@ -112,10 +119,12 @@ def _operands(
     if spec.normalize_weight:
         inv_norm = spec.w_inv_norm
         if inv_norm is None:
-            inv_norm = torch.linalg.vector_norm(w_rows, dim=1).clamp_min_(1e-12).reciprocal_()
+            inv_norm = torch.linalg.vector_norm(w_rows, dim=1, dtype=torch.float32).clamp_min_(1e-12).reciprocal_()
+    if w_rows.dtype != compute_rows_dtype(w_rows.dtype, gemm_dtype):
+        raise TypeError(f"W rows in {w_rows.dtype} need autocast in that dtype (the GEMMs run in {gemm_dtype or torch.float32})")
     x_gemm = x_op if gemm_dtype is None else x_op.to(gemm_dtype)
     w_gemm = w_rows
-    if gemm_dtype is not None:
+    if gemm_dtype is not None and w_rows.dtype != gemm_dtype:
         w_gemm, leases["w_gemm"] = spec.workspace.take("w_gemm", tuple(w_rows.shape), gemm_dtype, x_op.device)
         w_gemm.copy_(w_rows)
     return Operands(x_gemm, x_raw, w_rows, w_gemm, inv_norm, spec.sub_centers)
@@ -169,7 +178,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     backward: local, no collective (softmax - onehot from the saved/recomputed buffer).
 
     Inputs: x_op [N, D] (GEMM operand rows), x_raw [N, D] (raw rows for the target function),
-    w_rows [S*K, D] (this rank's sampled class rows, S sub-centres each), target_col [N] (column of each
+    w_rows [S*K, D] (this rank's sampled class rows, S sub-centres each; fp32, or the autocast dtype), target_col [N] (column of each
     row's class among the K classes, -1 where another rank owns it), anchor (a 0-size tensor that requires
     grad so the backward runs even when the embeddings need no gradient), spec. Output: the global mean
     loss (same on all ranks). A margin asking for the target cosines costs one more all-reduce of [N].
@@ -185,9 +194,9 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         anchor: torch.Tensor,
         spec: ShardedSoftmaxSpec,
     ) -> torch.Tensor:
-        gemm_dtype = _gemm_dtype(x_op.device)
+        gemm = gemm_dtype(x_op.device)
         with torch.autocast(_autocast_type(x_op.device), enabled=False):
-            ctx.saved, loss = _forward(x_op, x_raw, w_rows, target_col, spec, gemm_dtype)
+            ctx.saved, loss = _forward(x_op, x_raw, w_rows, target_col, spec, gemm)
         ctx.spec = spec
         return loss
 

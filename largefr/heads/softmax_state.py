@@ -94,9 +94,9 @@ def find_targets(
     if w_rows.shape[0] == 0:
         row, w_target = col, torch.zeros_like(x_raw)
     elif sub_centers == 1:
-        row, w_target = col, w_rows.index_select(0, col)
+        row, w_target = col, w_rows.index_select(0, col).float()
     else:  # sub-centre ArcFace: the class logit is the max over its sub-centres, so is the target's
-        candidates = w_rows.view(-1, sub_centers, w_rows.shape[1]).index_select(0, col)  # [N, S, D]
+        candidates = w_rows.view(-1, sub_centers, w_rows.shape[1]).index_select(0, col).float()  # [N, S, D]
         cos = (candidates @ x_raw.unsqueeze(2)).squeeze(2) / torch.linalg.vector_norm(candidates, dim=2).clamp_min(1e-12)
         best = cos.argmax(dim=1)
         row = col * sub_centers + best

@@ -3,7 +3,7 @@
 A slice-sized tensor (W or an optimizer state) is kept in a storage dtype (fp32, bf16 or fp16) on a
 storage device, which may differ from the device the step computes on (host memory for GPU steps:
 pinned, so copies can be asynchronous). Only the rows a step uses travel: they are gathered into fp32
-buffers on the compute device, updated there in fp32, and written back rounded to the storage dtype
+buffers on the compute device (16-bit ones when the GEMMs run in W's dtype), updated there in fp32, and written back rounded to the storage dtype
 (stochastically for 16 bits, largefr.heads.stochastic_round). A tensor that is fp32 and already on the
 compute device is read and written in place (the original, copy-free path).
 """
@@ -60,9 +60,9 @@ class WeightStore:
         """W lives in a buffer of its own, not on the module's (compute) device."""
         return self.device is not None
 
-    def is_direct(self, full: torch.Tensor, compute: torch.device) -> bool:
-        """Rows of ``full`` can be used in place: fp32 and on the compute device, no separate storage."""
-        return full.dtype == torch.float32 and full.device == compute and not self.separate
+    def is_direct(self, full: torch.Tensor, compute: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+        """Rows of ``full`` can be used in place as ``dtype`` rows: that dtype, on the compute device, not separate."""
+        return full.dtype == dtype and full.device == compute and not self.separate
 
     def allocate(self, like: torch.Tensor, dtype: torch.dtype, compute: torch.device) -> torch.Tensor:
         """A zeroed tensor shaped like ``like`` in ``dtype`` on ``like``'s (storage) device."""
@@ -78,8 +78,8 @@ class WeightStore:
     def read_rows(
         self, full: torch.Tensor, ids: torch.Tensor | None, a: int, b: int, out: torch.Tensor
     ) -> tuple[torch.Tensor, bool]:
-        """Rows [a, b) of ``ids`` (all rows when None) as fp32 on ``out``'s device; True when it is a view."""
-        if self.is_direct(full, out.device):
+        """Rows [a, b) of ``ids`` (all rows when None) in ``out``'s dtype and device; True when it is a view."""
+        if self.is_direct(full, out.device, out.dtype):
             if ids is None:
                 return full[a:b], True
             return torch.index_select(full, 0, ids[a:b], out=out), False

@@ -46,6 +46,7 @@ from torch import nn
 from largefr.config import Config, ConfigError
 from largefr.distributed import DistContext, broadcast_buffers
 from largefr.train.amp import Precision
+from largefr.train.objective import Objective
 from largefr.train.schedule import ScheduledLR
 
 log = logging.getLogger("largefr.train")
@@ -146,7 +147,7 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Conf
 
 
 def engine_step(
-    engine: Any, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    engine: Any, objective: Objective,
     head_opt: torch.optim.Optimizer | None, scheduler: ScheduledLR, precision: Precision,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], ctx: DistContext, clipping: bool,
     inputs: Callable[[torch.Tensor], torch.Tensor],
@@ -162,6 +163,7 @@ def engine_step(
     total = torch.zeros((), device=ctx.device)
     for i, (images, labels) in enumerate(micro_batches):
         with precision.autocast():
+            objective.prefetch(labels)
             embeddings = engine(inputs(images))
             loss = objective(embeddings, labels)
         engine.backward(loss)  # loss / count, for the head's gradient too

@@ -40,6 +40,13 @@ class Objective(nn.Module):
         assert total is not None
         return total
 
+    def prefetch(self, labels: torch.Tensor) -> None:
+        """Before the backbone's forward: the head chooses (and starts gathering) its rows from the labels
+        alone, so a host-resident W's rows travel while the backbone runs (PartialFC.prefetch)."""
+        for term in self.terms.values():
+            if isinstance(term, PartialFC):
+                term.prefetch(labels)
+
     def stats(self) -> dict[str, torch.Tensor]:
         out = {f"loss/{name}": value for name, value in self._last.items()} if len(self._last) > 1 else {}
         for name, term in self.terms.items():

@@ -9,7 +9,7 @@ DDP all-reduces only in the last micro-batch's backward (``no_sync`` before).
 
 Input. Micro-batches hold the loaders' uint8 images; each is normalised on the compute device
 (:func:`largefr.models.input.normalize_images`, into ``parts.inputs``' reused buffer) right before
-its forward.
+its forward. The head's rows are chosen from the labels before the backbone's forward (Objective.prefetch).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def forward_backward(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tens
         sync = contextlib.nullcontext() if i == count - 1 else parts.ddp.no_sync()
         with sync:
             inputs = parts.inputs(images)
-            with parts.precision.autocast():
+            with parts.precision.autocast():  # the head's rows dtype follows autocast: prefetch inside it
+                parts.objective.prefetch(labels)
                 embeddings = parts.ddp(inputs)
                 loss = parts.objective(embeddings, labels)
             parts.precision.scaler.scale(loss / count).backward()
