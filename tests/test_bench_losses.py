@@ -31,3 +31,10 @@ def test_table_has_a_row_per_member() -> None:
     table = format_table(rows, 0.62).splitlines()
     assert table[0] == "untrained: 0.620" and len(table) == 4
     assert table[2].split()[:5] == ["triplet", "10", "320", "0.910", "+0.290"]
+
+
+def test_user_overrides_apply_to_every_member_last(tmp_path: Path) -> None:
+    for member in ("softmax", "triplet"):
+        overrides = member_overrides(member, tmp_path / "data", tmp_path / member, 50, ("train.precision=fp32",))
+        assert overrides[-1] == "train.precision=fp32"
+        assert member_config(member, overrides).train.precision == "fp32"

@@ -161,3 +161,24 @@ def test_row_optimizers_on_cuda_equal_the_cpu_ones(rate: float, optimizer: str, 
     assert len(results["cpu"]) == (2 if optimizer == "sgd" else 3)
     for cpu, cuda in zip(results["cpu"], results["cuda"]):
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-6)
+
+
+
+def _host_prefetch_vs_device(ctx: Any) -> list[tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]]:
+    """Host-resident W whose rows are prefetched on the side stream vs W on the GPU, no prefetch."""
+    from test_head_prefetch import train_steps
+
+    out = []
+    for dtype, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
+        on_gpu = train_steps(ctx, (0.5, dtype, None, autocast), False, num_classes=64, batch=8)
+        on_host = train_steps(ctx, (0.5, dtype, "cpu", autocast), True, num_classes=64, batch=8)
+        out.append(((dtype, autocast), on_gpu, on_host))
+    return out
+
+
+def test_host_resident_rows_prefetched_on_a_side_stream_equal_device_resident_ones() -> None:
+    from test_head_prefetch import assert_same_run
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for case, on_gpu, on_host in run_ranks(_host_prefetch_vs_device, 1)[0]:
+        assert_same_run(on_gpu, on_host, case)

@@ -18,16 +18,19 @@ CASES = [(1.0, "fp32", None, None), (0.4, "fp32", "cpu", None), (0.4, "bf16", "c
          (1.0, "bf16", "cpu", None), (0.4, "bf16", None, torch.bfloat16)]
 
 
-def _train(ctx: Any, case: tuple[Any, ...], prefetch: bool) -> dict[str, Any]:
+def train_steps(ctx: Any, case: tuple[Any, ...], prefetch: bool, margin: Any = ALL_MARGINS[6],
+                num_classes: int = NUM_CLASSES, batch: int = BATCH) -> dict[str, Any]:
+    """Three SGD steps of a head on ``ctx.device`` for ``case`` = (rate, W dtype, storage device, autocast)."""
     rate, name, storage, autocast = case
-    head = PartialFC(ALL_MARGINS[6], DIM, NUM_CLASSES, rate, ctx.group, seed=SEED, weight_dtype=name, storage_device=storage)
+    head = PartialFC(margin, DIM, num_classes, rate, ctx.group, seed=SEED, weight_dtype=name,
+                     storage_device=storage).to(ctx.device)
     opt = head.optimizer("sgd", lr=0.3, momentum=0.9)
     gen = torch.Generator().manual_seed(100 + ctx.rank)
     losses, grads = [], []
     for _ in range(3):
-        x = torch.randn(BATCH, DIM, generator=gen).requires_grad_(True)
-        labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
-        amp = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        x = torch.randn(batch, DIM, generator=gen).to(ctx.device).requires_grad_(True)
+        labels = torch.randint(0, num_classes, (batch,), generator=gen).to(ctx.device)
+        amp = torch.autocast(ctx.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with amp:
             if prefetch:
                 head.prefetch(labels)
@@ -36,24 +39,28 @@ def _train(ctx: Any, case: tuple[Any, ...], prefetch: bool) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-        grads.append(x.grad)
-    return dict(losses=losses, grads=grads, weight=head.weight.detach().clone(),
-                momentum=opt.state[head.weight]["momentum_buffer"].clone())
+        grads.append(x.grad.cpu())
+    return dict(losses=losses, grads=grads, weight=head.weight.detach().cpu().clone(),
+                momentum=opt.state[head.weight]["momentum_buffer"].cpu().clone())
 
 
 def _both(ctx: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    return [(_train(ctx, case, False), _train(ctx, case, True)) for case in CASES]
+    return [(train_steps(ctx, case, False), train_steps(ctx, case, True)) for case in CASES]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_prefetched_rows_give_the_same_bits(world_size: int) -> None:
     for per_rank in run_ranks(_both, world_size):
         for case, (inline, early) in zip(CASES, per_rank):
-            assert inline["losses"] == early["losses"], case
-            for a, b in zip(inline["grads"], early["grads"]):
-                assert torch.equal(a, b), case
-            assert torch.equal(inline["weight"], early["weight"]), case
-            assert torch.equal(inline["momentum"], early["momentum"]), case
+            assert_same_run(inline, early, case)
+
+
+def assert_same_run(a: dict[str, Any], b: dict[str, Any], case: Any) -> None:
+    assert a["losses"] == b["losses"], case
+    for x, y in zip(a["grads"], b["grads"]):
+        assert torch.equal(x, y), case
+    assert torch.equal(a["weight"], b["weight"]), case
+    assert torch.equal(a["momentum"], b["momentum"]), case
 
 
 def test_prefetch_misuse_is_a_clear_error() -> None:
