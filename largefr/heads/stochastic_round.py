@@ -53,7 +53,7 @@ def _random_low_halves(shape: torch.Size, device: torch.device, generator: torch
     """int32 values uniform in [0, 2^16): four per full-range 64-bit draw (a quarter of the RNG calls)."""
     numel = math.prod(shape)
     draws = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
-    return draws.view(torch.int16)[:numel].view(shape).to(torch.int32).bitwise_and_(0xFFFF)
+    return draws.view(torch.uint16)[:numel].view(shape).to(torch.int32)  # zero-extended: no masking pass
 
 
 def _round_fp16(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
