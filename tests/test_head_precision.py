@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from largefr import PartialFC
-from largefr.heads.stochastic_round import round_stochastic
+from largefr.heads.stochastic_round import HostNoise, random_halves, round_stochastic, rounding_source
 from multirank import run_ranks
 from reference import ALL_MARGINS, reference_loss_and_grads
 
@@ -23,23 +23,41 @@ def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(values.float()), (exponent - mantissa).clamp_min(lowest))
 
 
+SOURCES = {"torch": lambda seed: torch.Generator().manual_seed(seed), "host": HostNoise}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_stochastic_rounding_is_unbiased_representable_and_seeded(name: str) -> None:
+def test_stochastic_rounding_is_unbiased_representable_and_seeded(name: str, source: str) -> None:
     dtype = DTYPES[name]
     x = torch.randn(4096, generator=torch.Generator().manual_seed(2)) * torch.logspace(-6, 3, 4096)
-    gen = torch.Generator().manual_seed(3)
+    gen = SOURCES[source](3)
     draws = torch.stack([round_stochastic(x, dtype, gen).float() for _ in range(400)])
     lo_hi = (draws - x).abs() <= _ulp(x, dtype)  # always one of the two neighbours
     assert lo_hi.all()
     # mean of 400 draws: within 6 standard errors (each <= ulp/2 / sqrt(400)) of x, for all 4096 values
     assert ((draws.mean(0) - x).abs() <= 6 * 0.5 * _ulp(x, dtype) / 20).all()
-    again = round_stochastic(x, dtype, torch.Generator().manual_seed(3))
+    again = round_stochastic(x, dtype, SOURCES[source](3))
     assert torch.equal(again.float(), draws[0])
     special = torch.tensor([float("inf"), float("-inf"), 0.0])
     assert torch.equal(round_stochastic(special, dtype, gen).float(), special)
     assert round_stochastic(torch.tensor([float("nan")]), dtype, gen).isnan().all()
     with pytest.raises(TypeError, match="fp32"):
         round_stochastic(x.double(), dtype, gen)
+
+
+def test_shared_halves_round_each_tensor_as_its_own_draw_would() -> None:
+    """W and its optimizer states share one draw per block: the same bits a single tensor would have used."""
+    x = torch.randn(2, 700, generator=torch.Generator().manual_seed(4))
+    halves = random_halves(x.numel(), x.device, HostNoise(11))
+    for dtype in DTYPES.values():
+        alone = round_stochastic(x, dtype, HostNoise(11))
+        assert torch.equal(round_stochastic(x, dtype, None, halves).view(torch.int16), alone.view(torch.int16))
+    assert halves.min() >= 0 and halves.max() < 2**16 and halves.unique().numel() > 1000
+    with pytest.raises(ValueError, match="1400 elements"):
+        round_stochastic(x, torch.bfloat16, None, halves[:10])
+    assert isinstance(rounding_source(torch.device("cpu"), 1), HostNoise)
+    assert rounding_source(torch.device("meta"), 1) is None
 
 
 def test_least_squares_stalls_with_round_to_nearest_but_tracks_fp32_with_stochastic_rounding() -> None:

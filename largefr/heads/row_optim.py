@@ -13,7 +13,7 @@ sampled at step t is corrected as if it had been seen since step 1.
 State may be stored in 16 bits (``state_dtype``, default: W's dtype) and W itself in 16 bits or on
 another device (the head's largefr.heads.weight_store.WeightStore): each block's rows and state are
 gathered into fp32 buffers on the compute device, updated there by the fused kernels, and written back
-with stochastic rounding (largefr.heads.stochastic_round) from a generator seeded by (head seed, rank,
+with stochastic rounding (largefr.heads.stochastic_round) from a noise source seeded by (head seed, rank,
 the head's forward count), so a run is deterministic for its seed and world size and resumes exactly.
 
 Both are torch.optim.Optimizer subclasses over [head.weight], so LR schedulers, ``state_dict()`` and
@@ -29,7 +29,8 @@ from torch.optim.sgd import sgd
 
 from largefr.seeding import derive_seed
 from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
-from largefr.heads.weight_store import WeightStore, resolve_dtype, seeded_generator
+from largefr.heads.stochastic_round import NoiseSource, random_halves, rounding_source
+from largefr.heads.weight_store import WeightStore, resolve_dtype
 
 
 UPDATE_BLOCK_ROWS = BLOCK_ROWS
@@ -127,7 +128,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         ids = row_grad.ids
         scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight.shape[1], device)
         low_precision = any(t.dtype != torch.float32 for t in (weight, *buffers))
-        rounding = self._rounding_generator(device) if low_precision else None
+        rounding = self._rounding_source(device) if low_precision else None
         for a in range(0, row_grad.num_rows, UPDATE_BLOCK_ROWS):
             b = min(a + UPDATE_BLOCK_ROWS, row_grad.num_rows)
             if row_grad.rows is not None and row_grad.rows.dtype == torch.float32:  # gathered in the forward
@@ -140,16 +141,18 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             block_state = [store.read_rows(full, ids, a, b, out[: b - a]) for full, out in zip(buffers, state_bufs)]
             if not rows.is_meta:  # torch's update kernels have no meta version; in place, they allocate nothing
                 self._update(rows, grad, [rows_state for rows_state, _ in block_state])
+            # one draw per block, shared by W and its states (each rounding stays unbiased)
+            halves = random_halves(rows.numel(), device, rounding) if rounding is not None else None
             if not in_place:
-                store.write_rows(weight, ids, a, b, rows, rounding)
+                store.write_rows(weight, ids, a, b, rows, rounding, halves)
             for full, (rows_state, view) in zip(buffers, block_state):
                 if not view:
-                    store.write_rows(full, ids, a, b, rows_state, rounding)
+                    store.write_rows(full, ids, a, b, rows_state, rounding, halves)
 
-    def _rounding_generator(self, device: torch.device) -> torch.Generator | None:
+    def _rounding_source(self, device: torch.device) -> NoiseSource | None:
         """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""
         head = self.head
-        return seeded_generator(device, derive_seed(head.seed, "head_rounding", head.rank, head.training_forwards))
+        return rounding_source(device, derive_seed(head.seed, "head_rounding", head.rank, head.training_forwards))
 
     def _block_buffers(self, count: int, dim: int, device: torch.device) -> list[torch.Tensor]:
         """fp32 block buffers on the compute device (rows, gradient, scratch, one per state)."""

@@ -132,15 +132,16 @@ def _operands(
 
 def _local_softmax_(
     ops: Operands, t: Targets, transform: NontargetTransform | None, a: int, b: int, chunk: ChunkBuffers
-) -> torch.Tensor:
-    """Fill ``chunk.logits`` [b-a, K] with the local softmax of rows [a, b); returns their local max m_i."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill ``chunk.logits`` [b-a, K] with the local softmax of rows [a, b); returns their local max m_i and
+    local sum s_i = sum_j exp(l_ij - m_i)."""
     out = chunk.logits
     scores = out if chunk.scores is None else chunk.scores
     _mm_into(ops.x_gemm[a:b], ops.w_gemm.t(), scores)
     if ops.inv_norm is not None:
         scores.mul_(ops.inv_norm)
     if out.shape[1] == 0:
-        return torch.full((b - a,), float("-inf"), device=out.device)
+        return torch.full((b - a,), float("-inf"), device=out.device), torch.zeros(b - a, device=out.device)
     if chunk.scores is not None:
         torch.max(scores.view(b - a, ops.num_cols, ops.sub_centers), dim=2, out=(out, chunk.best_sub))
     if transform is not None:
@@ -148,15 +149,17 @@ def _local_softmax_(
     col = t.col_or_zero
     current = out.gather(1, col).squeeze(1)
     out.scatter_(1, col, torch.where(t.owned, t.value, current).unsqueeze(1))
-    local_max = out.amax(dim=1)
+    local_max, at_max = out.max(dim=1)
     # in place is safe: the kernel reads each row for its max and sum before writing it
     torch.ops.aten._softmax.out(out, 1, False, out=out)
-    return local_max
+    # the local softmax at its own max is exp(0) / s_i: s_i without another pass over the buffer
+    chunk_sum = out.gather(1, at_max.unsqueeze(1)).squeeze(1).reciprocal_()
+    return local_max, chunk_sum
 
 
 def _global_stats(
-    probs: torch.Tensor,
     local_max: torch.Tensor,
+    local_sum: torch.Tensor,
     owned: torch.Tensor,
     target: torch.Tensor,
     group: ProcessGroup | None,
@@ -164,8 +167,6 @@ def _global_stats(
 ) -> torch.Tensor:
     """Combine the ranks' local softmax statistics; fills r_i / S_i; returns the chunk's summed loss."""
     global_max = all_reduce_(local_max.clone(), ReduceOp.MAX, group)
-    # the local softmax at its own max is exp(0) / s_i, so s_i = 1 / max_j p_ij
-    local_sum = probs.amax(dim=1).reciprocal_() if probs.shape[1] else torch.zeros_like(local_max)
     rescaled = torch.where(local_sum > 0, local_sum * torch.exp(local_max - global_max), torch.zeros_like(local_sum))
     stats = torch.stack([rescaled, torch.where(owned, target, torch.zeros_like(target))])
     all_reduce_(stats, ReduceOp.SUM, group)
@@ -233,8 +234,8 @@ def _forward(
     loss_sum = torch.zeros((), device=x_op.device)
     for a, b in ranges:
         chunk, t = buffers.rows(b - a), targets.rows(a, b)
-        local_max = _local_softmax_(ops, t, transform, a, b, chunk)
-        loss_sum += _global_stats(chunk.logits, local_max, t.owned, t.value, spec.group, row_factor[a:b])
+        local_max, local_sum = _local_softmax_(ops, t, transform, a, b, chunk)
+        loss_sum += _global_stats(local_max, local_sum, t.owned, t.value, spec.group, row_factor[a:b])
     single = len(ranges) == 1
     if single:  # chunked: the buffers are reused only inside this call, their leases end here
         leases.update(chunk_leases)

@@ -6,59 +6,114 @@ rounding (Gupta et al. 2015, "Deep learning with limited numerical precision") r
 representable value hi with probability (x - lo) / (hi - lo) and down to lo otherwise, so
 E[round(x)] = x and small updates accumulate in expectation.
 
-- bf16 is the top 16 bits of fp32: add 16 uniform random bits to the fp32 bit pattern and truncate the
-  low 16 (sign-magnitude, so the same holds for negative values). No extra pass tests for non-finite
-  values: +-inf stays +-inf (the carry stays in the dropped bits) and so do the NaNs arithmetic produces
-  (quiet NaN, payload in the high mantissa bits); only a NaN whose payload lies entirely in the low 16
-  bits can round to inf (still non-finite). Values that round past the largest bf16 become inf.
+Both formats draw one uniform 16-bit integer k per value (``random_halves``):
+- bf16 is the top 16 bits of fp32: add k to the fp32 bit pattern and truncate the low 16 bits
+  (sign-magnitude, so the same holds for negative values); the probability of rounding up is exactly the
+  dropped fraction. No extra pass tests for non-finite values: +-inf stays +-inf (the carry stays in the
+  dropped bits) and so do the NaNs arithmetic produces (quiet NaN, payload in the high mantissa bits); only
+  a NaN whose payload lies entirely in the low 16 bits can round to inf (still non-finite). Values that
+  round past the largest bf16 become inf.
 - fp16 (5 exponent bits, 10 mantissa bits): the spacing of fp16 at |x| is 2^(e - 11) for
   x = m 2^e, m in [0.5, 1), and 2^-24 in the subnormal range; round floor(x / spacing + u) * spacing with
-  u ~ U[0, 1) in fp32 (the power-of-two division is exact; u keeps the 13 bits below |x / spacing| < 2^11,
-  a bias below 2^-13 ulp). Values beyond the fp16 range become +-inf, as with round-to-nearest.
+  u = (k >> 3) 2^-13. x / spacing (exact: a power of two) has at most 13 fractional bits outside the
+  subnormal range, so the sum is exact in fp32 and the rounding is exactly unbiased there (below fp16's
+  smallest subnormal the bias is below 2^-13 ulp). Values beyond the fp16 range become +-inf, as with
+  round-to-nearest.
 
-The random numbers come from the caller's torch.Generator, so a given seed gives the same result.
+Several tensors rounded in the same place (the optimizer's W rows and their state rows) may share one
+draw: each one's rounding is still unbiased; their errors are correlated with each other, not over steps.
+
+Noise sources (``rounding_source``): on the CPU numpy's PCG64DXSM bit generator (measured here: ~3x the
+random bits per second of torch's CPU generator, mt19937, which was the largest cost of a bf16 step after
+the GEMMs); on an accelerator a torch.Generator on that device (Philox, generated on the device). Either
+way a seed gives the same bits every time.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FP16_MANTISSA_BITS = 11  # with the implicit bit
 _FP16_MIN_EXPONENT = -24  # spacing of the subnormals
+_FP16_NOISE_BITS = 13  # fp32's 24-bit mantissa minus fp16's 11: the bits rounding can drop
 
 
-def round_stochastic(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
-    """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is."""
+@dataclass
+class HostNoise:
+    """A seeded stream of random 64-bit words in host memory (numpy's PCG64DXSM)."""
+
+    seed: int
+    _bits: np.random.PCG64DXSM = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._bits = np.random.PCG64DXSM(self.seed)
+
+    def words(self, count: int) -> torch.Tensor:
+        """``count`` uniform int64 words (all 64 bits random) on the CPU."""
+        return torch.from_numpy(self._bits.random_raw(count).view(np.int64))
+
+
+NoiseSource = torch.Generator | HostNoise
+
+
+def rounding_source(device: torch.device, seed: int) -> NoiseSource | None:
+    """The noise source for rounding tensors on ``device``, seeded; None on the meta device (no values)."""
+    if device.type == "meta":
+        return None
+    if device.type == "cpu":
+        return HostNoise(seed)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def random_halves(numel: int, device: torch.device, source: NoiseSource | None) -> torch.Tensor:
+    """int32 [numel] uniform in [0, 2^16): four per random 64-bit word, zero-extended (no masking pass)."""
+    count = (numel + 3) // 4
+    if isinstance(source, HostNoise):
+        words = source.words(count).to(device)
+    else:
+        words = torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=source)
+    return words.view(torch.uint16)[:numel].to(torch.int32)
+
+
+def round_stochastic(
+    values: torch.Tensor, dtype: torch.dtype, source: NoiseSource | None, halves: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is.
+
+    ``halves``: this call's random integers (``random_halves`` of values.numel(), e.g. shared with other
+    tensors of the same shape); drawn from ``source`` when None.
+    """
     if values.dtype != torch.float32:
         raise TypeError(f"stochastic rounding reads fp32 values, got {values.dtype}")
     if dtype == torch.float32:
         return values
+    if dtype not in LOW_PRECISION:
+        raise ValueError(f"stochastic rounding targets {LOW_PRECISION} (or float32 for none), got {dtype}")
+    numel = math.prod(values.shape)
+    if halves is None:
+        halves = random_halves(numel, values.device, source)
+    elif halves.numel() != numel or halves.dtype != torch.int32:
+        raise ValueError(f"halves must be int32 with {numel} elements, got {halves.dtype} with {halves.numel()}")
+    halves = halves.view(values.shape)
     if dtype == torch.bfloat16:
-        return _round_bf16(values, generator)
-    if dtype == torch.float16:
-        return _round_fp16(values, generator)
-    raise ValueError(f"stochastic rounding targets {LOW_PRECISION} (or float32 for none), got {dtype}")
+        return _round_bf16(values, halves)
+    return _round_fp16(values, halves)
 
 
-def _round_bf16(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _round_bf16(values: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
     bits = values.contiguous().view(torch.int32)
     # adding below the kept bits carries into the mantissa (or exponent) with probability = the dropped fraction
-    rounded = torch.add(bits, _random_low_halves(values.shape, values.device, generator)).bitwise_and_(-65536)  # 0xFFFF0000
+    rounded = torch.add(bits, halves).bitwise_and_(-65536)  # 0xFFFF0000
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-def _random_low_halves(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """int32 values uniform in [0, 2^16): four per full-range 64-bit draw (a quarter of the RNG calls)."""
-    numel = math.prod(shape)
-    draws = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
-    return draws.view(torch.uint16)[:numel].view(shape).to(torch.int32)  # zero-extended: no masking pass
-
-
-def _round_fp16(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _round_fp16(values: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
     _, exponent = torch.frexp(values)
     spacing = torch.ldexp(torch.ones_like(values), (exponent - _FP16_MANTISSA_BITS).clamp_min(_FP16_MIN_EXPONENT))
-    noise = torch.rand(values.shape, generator=generator, device=values.device)
+    noise = torch.bitwise_right_shift(halves, 16 - _FP16_NOISE_BITS).float().mul_(2.0**-_FP16_NOISE_BITS)
     rounded = torch.floor(values / spacing + noise).mul_(spacing)
     return torch.where(torch.isfinite(values), rounded, values).to(torch.float16)

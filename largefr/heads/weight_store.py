@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from largefr.heads.stochastic_round import round_stochastic
+from largefr.heads.stochastic_round import NoiseSource, round_stochastic
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,13 +92,14 @@ class WeightStore:
 
     def write_rows(
         self, full: torch.Tensor, ids: torch.Tensor | None, a: int, b: int, rows: torch.Tensor,
-        generator: torch.Generator | None,
+        source: NoiseSource | None, halves: torch.Tensor | None = None,
     ) -> None:
-        """Write fp32 ``rows`` back to rows [a, b) of ``ids`` in ``full``, rounded to its dtype."""
+        """Write fp32 ``rows`` back to rows [a, b) of ``ids`` in ``full``, rounded to its dtype (stochastically,
+        from ``halves`` when given, else from ``source``: largefr.heads.stochastic_round)."""
         if full.dtype != torch.float32:
-            if generator is None and full.device.type != "meta":
-                raise ValueError(f"writing rows to {full.dtype} storage needs a generator for stochastic rounding")
-            rows = round_stochastic(rows, full.dtype, generator)
+            if source is None and halves is None and full.device.type != "meta":
+                raise ValueError(f"writing rows to {full.dtype} storage needs a noise source for stochastic rounding")
+            rows = round_stochastic(rows, full.dtype, source, halves)
         if ids is None:
             full[a:b].copy_(rows)
         else:
