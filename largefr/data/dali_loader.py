@@ -11,9 +11,11 @@ are probed one by one (same decoder, plus the label check), the bad ones are exc
 is rebuilt at the last delivered position: the batch is filled from the next samples and labels stay
 attached to their images. A batch whose images are not the manifest's ``image_size`` is treated the same way.
 
-Horizontal flips follow the plan (``EpochPlan.flips`` of each sample's position, fed to the pipeline by
-``fn.external_source``), as in the torch loader, so a resumed or rebuilt pipeline mirrors the same samples.
-With ``shuffle_buffer > 0`` the reader's order is DALI's own: the flip is then DALI's coin flip.
+The pipeline only reads and decodes (HWC); the flip and the transpose to the step's CHW layout are one
+strided copy per image outside it (largefr.data.layout; DALI's CPU operators for either cost more than
+that copy here). Horizontal flips follow the plan (``EpochPlan.flips`` of each sample's position), as in the
+torch loader, so a resumed or rebuilt pipeline mirrors the same samples. With ``shuffle_buffer > 0`` the
+reader's order is DALI's own: the flip is then a seeded coin flip per delivered sample.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from largefr.data.labels import LABEL_PAD, LabelOutOfRange, parse_label, parse_label_rows
+from largefr.data.layout import batch_to_chw
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -69,33 +72,25 @@ def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.accelerator.current_device_index()
 
 
-class FlipSource:
-    """``fn.external_source`` callback: int32 mirror flags of the next batch, for a reader that reads the
-    listing's positions in order (restarting at the first past the end; such batches are never delivered)."""
-
-    def __init__(self, flags: np.ndarray, batch_size: int) -> None:
-        if len(flags) == 0:
-            raise ValueError("an empty listing has no flips to feed")
-        self.flags = np.asarray(flags, dtype=np.int32)
-        self.batch_size = batch_size
-        self._next = 0
-
-    def __call__(self) -> np.ndarray:
-        take = (self._next + np.arange(self.batch_size)) % len(self.flags)
-        self._next = int(take[-1]) + 1
-        return self.flags[take]
+def batch_flips(plan: EpochPlan, listing: Listing, flip: bool, shuffle_buffer: int, seed: int) -> Any:
+    """``flags(k)``: the mirror flags of the batch starting at listing offset k. In listing order they are the
+    plan's (``EpochPlan.flips`` of each position); with a shuffle buffer DALI's order is its own, so each
+    batch draws fresh coin flips from a stream seeded like the pipeline."""
+    if not flip:
+        return lambda k, size: np.zeros(size, dtype=bool)
+    if shuffle_buffer == 0:
+        planned = plan.flips(listing.positions)
+        return lambda k, size: planned[k : k + size]
+    coins = np.random.default_rng(seed)
+    return lambda k, size: coins.random(size) < 0.5
 
 
 def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
-                   seed: int, shuffle_buffer: int = 0, flip: bool = True, decode_only: bool = False,
-                   flips: np.ndarray | None = None) -> Any:
-    """Reader + decoder (+ flip into uint8 CHW, and label bytes as int16 padded with ``LABEL_PAD``). ``flips``: a mirror flag per listing position (in listing order); None with
-    ``flip`` draws a coin flip per sample."""
+                   seed: int, shuffle_buffer: int = 0, decode_only: bool = False) -> Any:
+    """Reader + decoder: uint8 HWC images (and, unless ``decode_only``, the label bytes as int16 padded with
+    ``LABEL_PAD``). The flip and the transpose to CHW follow outside the pipeline (largefr.data.layout)."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
-    if flips is not None and (shuffle_buffer > 0 or len(flips) != len(listing.positions)):
-        raise ValueError(f"flips ({len(flips)}) must be one per listing position ({len(listing.positions)}) "
-                         f"read in order (shuffle_buffer=0, got {shuffle_buffer})")
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
                          seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
     with pipe:
@@ -108,16 +103,7 @@ def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, devic
         if decode_only:
             pipe.set_outputs(images)
         else:
-            if not flip:
-                mirror = 0
-            elif flips is None:
-                mirror = fn.random.coin_flip(probability=0.5)
-            else:
-                mirror = fn.external_source(source=FlipSource(flips, batch_size), batch=True, dtype=types.INT32)
-            # no mean/std: uint8 out, only the flip and the HWC -> CHW transpose (one pass per image)
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
-            labels = fn.pad(fn.cast(cls, dtype=types.INT16), fill_value=LABEL_PAD)
-            pipe.set_outputs(images, labels)
+            pipe.set_outputs(images, fn.pad(fn.cast(cls, dtype=types.INT16), fill_value=LABEL_PAD))
     pipe.build()
     return pipe
 
@@ -215,13 +201,13 @@ class DaliLoader(FaceLoader):
                 if len(listing.positions) < c.batch_size:
                     corrupt = sum(1 for p in excluded if p < limit)
                     raise out_of_samples_error(c.rank, plan, corrupt, self.manifest.root)
-                pipe = self._pipeline(plan, listing, rebuilds)
+                pipe, flips = self._pipeline(plan, listing, rebuilds)
                 shutil.rmtree(listing.directory, ignore_errors=True)
                 rebuilds += 1
                 k = 0
                 while step < plan.steps and k + c.batch_size <= len(listing.positions):
                     try:
-                        images, labels = self._run(pipe)
+                        images, labels = self._run(pipe, flips(k, c.batch_size))
                     except RuntimeError as exc:  # includes BadBatch
                         excluded |= self._find_bad(plan, reader, q, excluded, exc)
                         break
@@ -243,14 +229,15 @@ class DaliLoader(FaceLoader):
         q1 = min(limit, q + need + sum(1 for p in excluded if p >= q))
         return write_listing(plan, reader, q, q1, excluded, directory)
 
-    def _pipeline(self, plan: EpochPlan, listing: Listing, rebuilds: int) -> Any:
+    def _pipeline(self, plan: EpochPlan, listing: Listing, rebuilds: int) -> tuple[Any, Any]:
+        """The pipeline over ``listing`` and its batches' mirror flags (``batch_flips``)."""
         c = self.config
-        flips = plan.flips(listing.positions) if c.flip and c.shuffle_buffer == 0 else None
-        return build_pipeline(listing, batch_size=c.batch_size, num_threads=c.num_threads, device_id=self.device_id,
-                              prefetch=c.prefetch, seed=self._pipeline_seed(plan, rebuilds),
-                              shuffle_buffer=c.shuffle_buffer, flip=c.flip, flips=flips)
+        seed = self._pipeline_seed(plan, rebuilds)
+        pipe = build_pipeline(listing, batch_size=c.batch_size, num_threads=c.num_threads, device_id=self.device_id,
+                              prefetch=c.prefetch, seed=seed, shuffle_buffer=c.shuffle_buffer)
+        return pipe, batch_flips(plan, listing, c.flip, c.shuffle_buffer, seed)
 
-    def _run(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, pipe: Any, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         c = self.config
@@ -260,17 +247,17 @@ class DaliLoader(FaceLoader):
         except RuntimeError as exc:
             raise BadBatch(f"images of different sizes in one batch ({exc})") from exc
         shape = tuple(dense.shape())
-        if shape[2:] != tuple(self.manifest.image_size):
+        if shape[1:3] != tuple(self.manifest.image_size):
             h, w = self.manifest.image_size
-            raise BadBatch(f"the batch's images are {shape[2]}x{shape[3]}, the manifest says {h}x{w}")
+            raise BadBatch(f"the batch's images are {shape[1]}x{shape[2]}, the manifest says {h}x{w}")
         if self.device_id is None:
             # zero-copy: with exec_dynamic a buffer stays DALI-owned and untouched while Python holds it
-            images = torch.from_dlpack(dense)
+            hwc = torch.from_dlpack(dense)
         else:
-            images = torch.empty(shape, dtype=torch.uint8, device=c.device)
-            feed_ndarray(dense, images, cuda_stream=torch.accelerator.current_stream(c.device))
+            hwc = torch.empty(shape, dtype=torch.uint8, device=c.device)
+            feed_ndarray(dense, hwc, cuda_stream=torch.accelerator.current_stream(c.device))
         labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
-        return images, torch.from_numpy(labels).to(c.device)
+        return batch_to_chw(hwc, flips), torch.from_numpy(labels).to(c.device)
 
     def _find_bad(self, plan: EpochPlan, reader: ShardReader, q: int, excluded: set[int],
                   error: RuntimeError) -> set[int]:
