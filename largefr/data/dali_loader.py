@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -72,8 +72,9 @@ def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.accelerator.current_device_index()
 
 
-def batch_flips(plan: EpochPlan, listing: Listing, flip: bool, shuffle_buffer: int, seed: int) -> Any:
-    """``flags(k)``: the mirror flags of the batch starting at listing offset k. In listing order they are the
+def batch_flips(plan: EpochPlan, listing: Listing, flip: bool, shuffle_buffer: int,
+                seed: int) -> Callable[[int, int], np.ndarray]:
+    """``flags(k, size)``: the mirror flags of the batch of ``size`` starting at listing offset k. In listing order they are the
     plan's (``EpochPlan.flips`` of each position); with a shuffle buffer DALI's order is its own, so each
     batch draws fresh coin flips from a stream seeded like the pipeline."""
     if not flip:
@@ -229,7 +230,7 @@ class DaliLoader(FaceLoader):
         q1 = min(limit, q + need + sum(1 for p in excluded if p >= q))
         return write_listing(plan, reader, q, q1, excluded, directory)
 
-    def _pipeline(self, plan: EpochPlan, listing: Listing, rebuilds: int) -> tuple[Any, Any]:
+    def _pipeline(self, plan: EpochPlan, listing: Listing, rebuilds: int) -> tuple[Any, Callable[[int, int], np.ndarray]]:
         """The pipeline over ``listing`` and its batches' mirror flags (``batch_flips``)."""
         c = self.config
         seed = self._pipeline_seed(plan, rebuilds)
