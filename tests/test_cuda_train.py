@@ -193,6 +193,7 @@ def test_onnx_export_of_a_cuda_trained_backbone_matches_onnxruntime(tmp_path: Pa
 def test_dali_mixed_decoding_gives_the_cpu_pipelines_batches(tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed (DALI's mixed nvJPEG path needs it)")
     from largefr.data.loader_factory import build_loader
+    from largefr.models.input import normalize_images
     from test_data_loader import decode_samples, label_of, make_dataset
 
     make_dataset(tmp_path)
@@ -200,14 +201,17 @@ def test_dali_mixed_decoding_gives_the_cpu_pipelines_batches(tmp_path: Path) -> 
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         loader = build_loader(tmp_path, batch_size=8, seed=2, kind="dali", device=device, num_threads=1)
         batches[device.type] = []
-        for images, labels in loader:
+        for images, labels, mirror in loader:
             assert images.dtype == torch.uint8 and images.device == device and labels.device == device
+            assert mirror.device == device
             samples = decode_samples(images.cpu())
             assert labels.cpu().tolist() == [label_of(k) for k in samples]
-            batches[device.type].append((samples, images.cpu()))
-    assert [s for s, _ in batches["cuda"]] == [s for s, _ in batches["cpu"]]
-    for (_, gpu), (_, cpu) in zip(batches["cuda"], batches["cpu"]):
-        assert (gpu.int() - cpu.int()).abs().max() <= 8  # nvJPEG and libjpeg-turbo may round differently
+            # the step's input on the device: the GPU's where + fused normalise, the CPU's numpy mirror copies
+            batches[device.type].append((samples, mirror.cpu(), normalize_images(images, mirror).cpu()))
+    assert [s for s, _, _ in batches["cuda"]] == [s for s, _, _ in batches["cpu"]]
+    for (_, gpu_mirror, gpu), (_, cpu_mirror, cpu) in zip(batches["cuda"], batches["cpu"]):
+        assert torch.equal(gpu_mirror, cpu_mirror)
+        assert (gpu - cpu).abs().max() <= 8 / 127.5 + 1e-6  # nvJPEG and libjpeg-turbo may round differently
 
 
 def _deepspeed_backbone_steps(ctx: Any) -> dict[str, Any]:

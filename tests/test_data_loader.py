@@ -72,9 +72,11 @@ def decode_samples(images: torch.Tensor) -> list[int]:
 
 def collect(loader) -> list[tuple[list[int], list[int]]]:
     batches = []
-    for images, labels in loader:
-        assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.is_contiguous()
+    for images, labels, mirror in loader:
+        # the decoders' HWC memory as a [B, 3, H, W] view; one mirror flag per image
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.permute(0, 2, 3, 1).is_contiguous()
         assert images.shape == (loader.config.batch_size, 3, 112, 112) and labels.shape == (loader.config.batch_size,)
+        assert mirror.dtype == torch.bool and mirror.shape == labels.shape
         samples = decode_samples(images)
         assert labels.tolist() == [label_of(k) for k in samples], "label shifted away from its image"
         batches.append((samples, labels.tolist()))
@@ -130,7 +132,7 @@ def test_epochs_reshuffle_and_resume_mid_epoch_continues_exactly(dataset, kind):
     partial = make()
     partial.set_epoch(4)
     head = []
-    for images, _ in partial:
+    for images, _, _ in partial:
         head.append(decode_samples(images))
         if len(head) == 2:
             break
@@ -198,17 +200,19 @@ def test_held_batches_are_never_overwritten(dataset, kind):
     # are never recycled while Python holds them
     loader = build_loader(dataset, batch_size=8, kind=kind, num_threads=0 if kind == "torch" else 1)
     kept = []
-    for images, _ in loader:
+    for images, _, _ in loader:
         if not kept:
             kept = [images, decode_samples(images)]
     assert len(loader) == 12 and decode_samples(kept[0]) == kept[1]
 
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia.dali missing")
-def test_dali_images_are_the_decoded_pixels_flipped(tmp_path):
-    # DALI's crop_mirror_normalize (no mean/std) outputs uint8 CHW, mirrored where the plan flips the sample:
-    # the values are exactly the pixels of DALI's own decode, and each row is its image or its mirror
+def test_dali_images_are_the_decoded_pixels_and_the_step_mirrors_the_flagged_ones(tmp_path):
+    # the loader hands exactly the pixels of DALI's own decode (held batches intact), the flags say which to
+    # mirror, and the step's normalize_images mirrors exactly those
     import numpy as np
+
+    from largefr.models.input import normalize_images
     from nvidia.dali import fn, pipeline_def, types
 
     n, gen = 24, np.random.default_rng(0)
@@ -231,15 +235,16 @@ def test_dali_images_are_the_decoded_pixels_flipped(tmp_path):
     pipe = decode()
     pipe.build()
     (out,) = pipe.run()
-    ref = torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(n)])).permute(0, 3, 1, 2).double()
+    ref = torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(n)])).permute(0, 3, 1, 2)
     for flip in (False, True):
         loader = build_loader(tmp_path, batch_size=8, kind="dali", num_threads=1, flip=flip)
+        batches = list(loader)  # all held at once: zero-copy buffers must not be recycled meanwhile
         mirrored = []
-        for images, labels in loader:
-            assert images.dtype == torch.uint8 and images.shape == (8, 3, 112, 112) and images.is_contiguous()
-            for image, label in zip(images.double(), labels.tolist()):
-                same = (image - ref[label]).abs().max().item()
-                mirror = (image - ref[label].flip(-1)).abs().max().item()
-                assert min(same, mirror) == 0, (flip, label, same, mirror)
-                mirrored.append(mirror < same)
+        for images, labels, mirror in batches:
+            assert images.dtype == torch.uint8 and images.shape == (8, 3, 112, 112)
+            assert torch.equal(images, ref[labels])
+            expected = (ref[labels].double() - 127.5) / 127.5
+            expected[mirror] = expected[mirror].flip(-1)
+            assert (normalize_images(images, mirror).double() - expected).abs().max() <= 2e-7
+            mirrored += mirror.tolist()
         assert len(mirrored) == n and any(mirrored) == flip and (all(mirrored) is False)

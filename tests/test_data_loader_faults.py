@@ -21,6 +21,7 @@ from largefr.data.labels import LabelOutOfRange, parse_label, parse_label_rows
 from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.epoch_order import EpochPlan
+from largefr.models.input import normalize_images
 from largefr.data.shards import ShardWriter, shard_names
 
 SIZE = 16
@@ -66,11 +67,24 @@ def run(root: Path, kind: str, batch_size: int, **kw) -> tuple[list[list[int]], 
     """(labels, mirrored) of every batch of one epoch, and the loader's skipped count."""
     loader = build_loader(root, batch_size=batch_size, kind=kind, num_threads=0 if kind == "torch" else 1, **kw)
     labels, mirrored = [], []
-    for images, lab in loader:
+    for images, lab, mirror in loader:
         assert images.shape == (batch_size, 3, SIZE, SIZE) and images.dtype == torch.uint8
         labels.append(lab.tolist())
-        mirrored.append((images[:, :, :, 0].float().mean((1, 2)) > images[:, :, :, -1].float().mean((1, 2))).tolist())
+        mirrored.append(mirrored_after_the_step(images, mirror))
     return labels, mirrored, loader.skipped
+
+
+def looks_mirrored(images: torch.Tensor) -> list[bool]:
+    """The dataset's images are brighter on the right: a brighter left column means mirrored."""
+    return (images[:, :, :, 0].float().mean((1, 2)) > images[:, :, :, -1].float().mean((1, 2))).tolist()
+
+
+def mirrored_after_the_step(images: torch.Tensor, mirror: torch.Tensor) -> list[bool]:
+    """The flags, checked: the loader hands the images unmirrored and the step's normalisation mirrors
+    exactly the flagged ones."""
+    assert not any(looks_mirrored(images))
+    assert looks_mirrored(normalize_images(images, mirror)) == mirror.tolist()
+    return mirror.tolist()
 
 
 @pytest.mark.timeout(60)
@@ -174,18 +188,15 @@ def test_flips_follow_the_plan_after_resume_and_across_loaders(tmp_path, kind):
         l.set_epoch(0)
         return l
 
-    def mirrored(images: torch.Tensor) -> list[bool]:
-        return (images[:, :, :, 0].float().mean((1, 2)) > images[:, :, :, -1].float().mean((1, 2))).tolist()
-
-    full = [(lab.tolist(), mirrored(im)) for im, lab in loader()]
+    full = [(lab.tolist(), mirrored_after_the_step(im, m)) for im, lab, m in loader()]
     first = loader()
     it = iter(first)
-    head = [(lab.tolist(), mirrored(im)) for im, lab in itertools.islice(it, 3)]
+    head = [(lab.tolist(), mirrored_after_the_step(im, m)) for im, lab, m in itertools.islice(it, 3)]
     it.close()
     resumed = loader()
     resumed.load_state_dict(first.state_dict())
     resumed.set_epoch(0)
-    assert head + [(lab.tolist(), mirrored(im)) for im, lab in resumed] == full
+    assert head + [(lab.tolist(), mirrored_after_the_step(im, m)) for im, lab, m in resumed] == full
     flips = [f for _, m in full for f in m]
     assert 0 < sum(flips) < len(flips)
     torch_run = run(root, "torch", 4)

@@ -49,7 +49,7 @@ def read(loader, batches: int | None) -> list[int]:
     out: list[int] = []
     it = iter(loader)
     try:
-        for i, (_, labels) in enumerate(it):
+        for i, (_, labels, _) in enumerate(it):
             out += labels.tolist()
             if batches is not None and i + 1 == batches:
                 break

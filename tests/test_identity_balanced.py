@@ -115,7 +115,7 @@ def test_loader_pk_batches_and_resume_at_any_step(dataset: Path, kind: str) -> N
     partial = make()
     partial.set_epoch(2)
     head = []
-    for images, _ in partial:
+    for images, _, _ in partial:
         head.append(decode_samples(images))
         if len(head) == 2:
             break

@@ -2,10 +2,12 @@
 
 In one run, on the same shards and thread count, alternately times (a) reading + decoding only
 (DALI: reader + decoder pipeline, outputs dropped; torch: DataLoader workers reading + PIL-decoding)
-and (b) the full loader up to train-ready: the uint8 [B, 3, H, W] batch in the step's layout (flipped,
-CHW, contiguous), labels parsed, both on the device. The float conversion is the step's own (on the
-compute device) and not part of either. The ratio train-ready / decode-only is the loader's overhead;
-the medians over ``--repeats`` are reported.
+and (b) the full loader up to train-ready: what the training step takes, the uint8 [B, 3, H, W] batch
+(the decoders' HWC memory) with its mirror flags and parsed labels, all on the device. The ratio
+train-ready / decode-only is the loader's overhead; the medians over ``--repeats`` are reported.
+Mirroring, the transpose to NCHW and the float conversion are the step's own, on the compute device
+(largefr.models.input); their time per batch on the bench's device is reported beside the ratio
+(``step_input_ms``), so that on a CPU, where the step and the loader share cores, nothing is hidden.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from largefr.data.loader import FaceLoader
+from largefr.data.loader import FaceLoader, LoadedBatch
 from largefr.data.loader_factory import build_loader
 from largefr.data.manifest import Manifest, read_manifest
 from largefr.data.epoch_order import EpochPlan
@@ -38,6 +40,7 @@ class DataBenchResult:
     images_per_s: float
     decode_only_images_per_s: float
     ratio: float
+    step_input_ms: float  # the step's mirror + transpose + normalise of one batch on the device (median)
 
 
 def _plan(manifest: Manifest, batch_size: int) -> EpochPlan:
@@ -85,12 +88,14 @@ def decode_only_torch(manifest: Manifest, batch_size: int, threads: int, batches
     return count / (time.perf_counter() - start)
 
 
-def train_ready(loader: FaceLoader, batches: int, warmup: int) -> float:
+def train_ready(loader: FaceLoader, batches: int, warmup: int) -> tuple[float, LoadedBatch]:
+    """Train-ready images/s, and the last batch."""
     count, start, seen = 0, 0.0, 0
     epoch = 0
     while seen < warmup + batches:
         loader.set_epoch(epoch)
-        for images, labels in loader:
+        for batch in loader:
+            images = batch.images
             if seen == warmup:
                 start = time.perf_counter()
             if seen >= warmup:
@@ -101,7 +106,20 @@ def train_ready(loader: FaceLoader, batches: int, warmup: int) -> float:
         epoch += 1
     if images.device.type != "cpu":
         images.sum().item()  # waits for the device
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), batch
+
+
+def step_input_ms(batch: LoadedBatch, repeats: int = 9) -> float:
+    """Median ms of the training step's input conversion (mirror, NCHW, float32) of ``batch``."""
+    from largefr.models.input import InputBuffer
+
+    inputs = InputBuffer(batch.images.device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        inputs(batch.images, batch.mirror).sum().item()  # .item(): waits for the device; the sum is ~1 pass
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
 
 
 def run_bench(source: str, loader_kind: str, threads: int, batch_size: int, batches: int, warmup: int,
@@ -114,10 +132,11 @@ def run_bench(source: str, loader_kind: str, threads: int, batch_size: int, batc
             decode.append(decode_only_dali(manifest, batch_size, threads, device, batches, warmup))
         else:
             decode.append(decode_only_torch(manifest, batch_size, threads, batches, warmup))
-        ready.append(train_ready(loader, batches, warmup))
+        rate, last = train_ready(loader, batches, warmup)
+        ready.append(rate)
     d, r = statistics.median(decode), statistics.median(ready)
     return DataBenchResult(loader_kind, threads, batch_size, batches, str(device), manifest.num_samples,
-                           round(r, 1), round(d, 1), round(r / d, 3))
+                           round(r, 1), round(d, 1), round(r / d, 3), round(step_input_ms(last), 2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,4 +175,4 @@ def run(args: argparse.Namespace) -> int:
 def _format(r: dict[str, Any]) -> str:
     return (f"{r['loader']} loader, {r['threads']} threads, batch {r['batch_size']} on {r['device']}: "
             f"{r['images_per_s']:.0f} train-ready images/s, {r['decode_only_images_per_s']:.0f} decode-only images/s, "
-            f"ratio {r['ratio']:.2f}")
+            f"ratio {r['ratio']:.2f}; the step's mirror + normalise of one batch: {r['step_input_ms']:.1f} ms")

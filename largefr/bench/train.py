@@ -3,8 +3,8 @@
 One process (world size 1, the device largefr.distributed picks), the recipe's backbone, head, precision
 and loader. Measurements alternate, ``--repeats`` times: ``--steps`` optimizer steps fed by the loader,
 then ``--steps`` steps cycling through batches taken from that loader once and kept on the device
-(the step's input is the loaders' uint8 batch in both; its normalisation on the device is part of the
-step). Each measurement starts with ``--warmup`` untimed steps, which also drain whatever the loader
+(the step's input is the loaders' uint8 batch and mirror flags in both; mirroring and normalisation on
+the device are part of the step). Each measurement starts with ``--warmup`` untimed steps, which also drain whatever the loader
 prefetched meanwhile. ``loader_over_memory`` = median images/s with the loader / median in memory;
 1 - that is the share of training throughput the loader costs.
 """
@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+from largefr.data.loader import LoadedBatch
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterator[LoadedBatch]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def run_bench(config: Path, overrides: list[str], steps: int, warmup: int, repea
         parts.head.train()
         accum = cfg.train.grad_accum
         source = endless(loader)
-        kept = [(x.clone(), y.clone()) for x, y in itertools.islice(source, in_memory * accum)]
+        kept = [LoadedBatch(*(t.clone() for t in batch)) for batch in itertools.islice(source, in_memory * accum)]
         real, memory = [], []
         for _ in range(repeats):
             real.append(timed_steps(parts, source, steps, warmup, accum))

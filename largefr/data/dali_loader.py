@@ -11,11 +11,14 @@ are probed one by one (same decoder, plus the label check), the bad ones are exc
 is rebuilt at the last delivered position: the batch is filled from the next samples and labels stay
 attached to their images. A batch whose images are not the manifest's ``image_size`` is treated the same way.
 
-The pipeline only reads and decodes (HWC); the flip and the transpose to the step's CHW layout are one
-strided copy per image outside it (largefr.data.layout; DALI's CPU operators for either cost more than
-that copy here). Horizontal flips follow the plan (``EpochPlan.flips`` of each sample's position), as in the
-torch loader, so a resumed or rebuilt pipeline mirrors the same samples. With ``shuffle_buffer > 0`` the
-reader's order is DALI's own: the flip is then a seeded coin flip per delivered sample.
+The pipeline only reads and decodes: its HWC batch is handed as it is (zero-copy on the CPU) as a
+[B, 3, H, W] view, with one mirror flag per image; the compute device mirrors, transposes and normalises
+(largefr.models.input), as DALI's GPU ``crop_mirror_normalize`` would. On this project's 2-core CPU any
+host pass after decoding costs loader throughput one for one (DALI's CPU flip / transpose / crop_mirror_
+normalize ~35-40 us per image each, a numpy mirror + transpose 17-29 us, decoding ~145 us). Mirror flags
+follow the plan (``EpochPlan.flips`` of each sample's position), as in the torch loader, so a resumed or
+rebuilt pipeline mirrors the same samples. With ``shuffle_buffer > 0`` the reader's order is DALI's own:
+the flag is then a seeded coin flip per delivered sample.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import numpy as np
 import torch
 
 from largefr.data.labels import LABEL_PAD, LabelOutOfRange, parse_label, parse_label_rows
-from largefr.data.layout import batch_to_chw
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -89,7 +91,7 @@ def batch_flips(plan: EpochPlan, listing: Listing, flip: bool, shuffle_buffer: i
 def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
                    seed: int, shuffle_buffer: int = 0, decode_only: bool = False) -> Any:
     """Reader + decoder: uint8 HWC images (and, unless ``decode_only``, the label bytes as int16 padded with
-    ``LABEL_PAD``). The flip and the transpose to CHW follow outside the pipeline (largefr.data.layout)."""
+    ``LABEL_PAD``). Mirror and transpose are the compute device's (largefr.models.input)."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
@@ -208,14 +210,15 @@ class DaliLoader(FaceLoader):
                 k = 0
                 while step < plan.steps and k + c.batch_size <= len(listing.positions):
                     try:
-                        images, labels = self._run(pipe, flips(k, c.batch_size))
+                        images, labels = self._run(pipe)
                     except RuntimeError as exc:  # includes BadBatch
                         excluded |= self._find_bad(plan, reader, q, excluded, exc)
                         break
+                    mirror = torch.from_numpy(flips(k, c.batch_size)).to(c.device, non_blocking=True)
                     end = int(listing.positions[k + c.batch_size - 1]) + 1
                     skipped = sum(1 for p in excluded if q <= p < end)
                     k, step, q = k + c.batch_size, step + 1, end
-                    yield Batch(images, labels, end, skipped)
+                    yield Batch(images, labels, mirror, end, skipped)
                 del pipe
         finally:
             reader.close()
@@ -238,7 +241,8 @@ class DaliLoader(FaceLoader):
                               prefetch=c.prefetch, seed=seed, shuffle_buffer=c.shuffle_buffer)
         return pipe, batch_flips(plan, listing, c.flip, c.shuffle_buffer, seed)
 
-    def _run(self, pipe: Any, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch: uint8 [B, 3, H, W] in HWC memory, int64 labels [B], both on the loader's device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         c = self.config
@@ -258,7 +262,7 @@ class DaliLoader(FaceLoader):
             hwc = torch.empty(shape, dtype=torch.uint8, device=c.device)
             feed_ndarray(dense, hwc, cuda_stream=torch.accelerator.current_stream(c.device))
         labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
-        return batch_to_chw(hwc, flips), torch.from_numpy(labels).to(c.device)
+        return hwc.permute(0, 3, 1, 2), torch.from_numpy(labels).to(c.device)
 
     def _find_bad(self, plan: EpochPlan, reader: ShardReader, q: int, excluded: set[int],
                   error: RuntimeError) -> set[int]:

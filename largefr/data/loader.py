@@ -8,7 +8,7 @@ picks one by name. Usage by a trainer::
     loader.load_state_dict(ckpt["loader"])           # optional: resume mid-epoch
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)                        # keeps the position when resuming this epoch
-        for images, labels in loader:                  # [B,3,H,W] uint8, [B] int64
+        for images, labels, mirror in loader:          # [B,3,H,W] uint8 (HWC memory), [B] int64, [B] bool
             ...
             ckpt["loader"] = loader.state_dict()       # per rank: (epoch, step, position, skipped)
 """
@@ -98,9 +98,20 @@ def decode_pool(text: str) -> tuple[tuple[int, int], ...] | None:
         raise ValueError(f"loader state pool={text!r}: expected ranges 'start-stop,start-stop,...'") from exc
 
 
+class LoadedBatch(NamedTuple):
+    """What a loader yields, on its device: uint8 ``images`` [B, 3, H, W] as decoded (HWC memory, i.e.
+    channels-last strides), int64 ``labels`` [B], and bool ``mirror`` [B], the images to mirror left-right
+    (None: none). :func:`largefr.models.input.normalize_images` applies the mirror."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mirror: torch.Tensor | None = None
+
+
 class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
+    mirror: torch.Tensor
     position: int
     skipped: int
 
@@ -108,9 +119,10 @@ class Batch(NamedTuple):
 class FaceLoader(abc.ABC):
     """One epoch per iteration of equal-size batches ``(images, labels)`` for this rank.
 
-    ``images`` is uint8 [B, 3, H, W] (RGB, contiguous, mirrored where the flip applies) on ``config.device``,
-    ``labels`` int64 [B] on the same device; :func:`largefr.models.input.normalize_images` turns the
-    images into the backbone's float32 input on that device. ``len(loader)`` is the number of batches per
+    Each batch is a :class:`LoadedBatch` on ``config.device``: ``images`` uint8 [B, 3, H, W] (RGB, in the
+    decoders' HWC memory), ``labels`` int64 [B] and ``mirror`` bool [B] (the plan's flips; all False without
+    flip); :func:`largefr.models.input.normalize_images` mirrors and turns the images into the
+    backbone's float32 input on that device. ``len(loader)`` is the number of batches per
     epoch, equal on every rank. Finishing an epoch advances the state to the next epoch; ``set_epoch(e)``
     selects epoch ``e`` (from its start unless the state is already inside epoch ``e``, as after
     ``load_state_dict``). ``skipped`` counts corrupt or undecodable samples skipped so far (each one is
@@ -262,7 +274,7 @@ class FaceLoader(abc.ABC):
             position, pool, offset = resumed * c.batch_size, "", 0
         self._state = LoaderState(epoch, resumed, position, skipped, pool, offset)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[LoadedBatch]:
         state = self._state
         skipped_before = state.skipped
         if self.batches_left() > 0:
@@ -273,7 +285,7 @@ class FaceLoader(abc.ABC):
                     state.step += 1
                     state.position = batch.position
                     state.skipped += batch.skipped
-                    yield batch.images, batch.labels
+                    yield LoadedBatch(batch.images, batch.labels, batch.mirror)
                     if state.step - state.step_offset >= plan.steps:
                         break
             finally:

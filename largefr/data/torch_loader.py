@@ -2,8 +2,9 @@
 
 Workers decode *chunks* of consecutive rank positions (chunk c goes to worker c mod num_workers, and the
 DataLoader returns them in order); this process drops corrupt samples, cuts the valid ones into full
-batches and moves them to the target device as they are: uint8 [B, 3, H, W], flipped where the plan
-says (a quarter of the bytes of float32 between processes and over PCIe; the training step normalises).
+batches and moves them to the target device as they were decoded: uint8 HWC memory, handed as a
+[B, 3, H, W] view, with the plan's mirror flags (a quarter of the bytes of float32 between processes and
+over PCIe; the training step mirrors and normalises).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largefr.data.labels import LabelOutOfRange, parse_label
-from largefr.data.layout import put_chw
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -27,8 +27,9 @@ log = logging.getLogger("largefr.data")
 
 
 class Chunk(NamedTuple):
-    images: torch.Tensor  # uint8 [n, 3, H, W] (empty in decode-only mode)
+    images: torch.Tensor  # uint8 [n, H, W, 3] (empty in decode-only mode)
     labels: torch.Tensor  # int64 [n]
+    mirror: torch.Tensor  # bool [n]: the plan's flip of each valid sample
     positions: torch.Tensor  # int64 [n], rank positions of the valid samples
     bad: list[tuple[int, str, str]]  # (position, sample, reason) of skipped samples
     decoded: int
@@ -60,9 +61,10 @@ class ChunkStream(IterableDataset):
     def _chunk(self, reader: ShardReader, q0: int, q1: int) -> Chunk:
         h, w = self.manifest.image_size
         keep = 0 if self.decode_only else q1 - q0
-        images = np.empty((keep, 3, h, w), dtype=np.uint8)
+        images = np.empty((keep, h, w, 3), dtype=np.uint8)
         flips = self.plan.flips(np.arange(q0, q1)) if self.flip else np.zeros(q1 - q0, dtype=bool)
         labels = np.empty(q1 - q0, dtype=np.int64)
+        mirror = np.empty(q1 - q0, dtype=bool)
         positions = np.empty(q1 - q0, dtype=np.int64)
         bad: list[tuple[int, str, str]] = []
         n = 0
@@ -80,11 +82,11 @@ class ChunkStream(IterableDataset):
                     bad.append((seg.start + i, reader.describe(seg.shard, row), reason))
                     continue
                 if keep:
-                    put_chw(images[n], array, bool(flips[seg.start + i - q0]))
-                labels[n], positions[n] = label, seg.start + i
+                    images[n] = array
+                labels[n], positions[n], mirror[n] = label, seg.start + i, flips[seg.start + i - q0]
                 n += 1
         return Chunk(torch.from_numpy(images[: min(n, keep)]), torch.from_numpy(labels[:n]),
-                     torch.from_numpy(positions[:n]), bad, n)
+                     torch.from_numpy(mirror[:n]), torch.from_numpy(positions[:n]), bad, n)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -121,6 +123,7 @@ class TorchLoader(FaceLoader):
         loader = make_dataloader(stream, c.num_threads, c.prefetch, pin=c.device.type != "cpu")
         images: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
+        mirror: list[torch.Tensor] = []
         ends: list[torch.Tensor] = []
         bad_positions: deque[int] = deque()
         have, corrupt = 0, 0
@@ -131,11 +134,13 @@ class TorchLoader(FaceLoader):
             corrupt += len(chunk.bad)
             images.append(chunk.images)
             labels.append(chunk.labels)
+            mirror.append(chunk.mirror)
             ends.append(chunk.positions)
             have += chunk.decoded
             while have >= c.batch_size:
                 batch_images, images = _take(images, c.batch_size)
                 batch_labels, labels = _take(labels, c.batch_size)
+                batch_mirror, mirror = _take(mirror, c.batch_size)
                 batch_pos, ends = _take(ends, c.batch_size)
                 end = int(batch_pos[-1]) + 1
                 skipped = 0
@@ -143,7 +148,9 @@ class TorchLoader(FaceLoader):
                     bad_positions.popleft()
                     skipped += 1
                 have -= c.batch_size
-                yield Batch(batch_images.to(c.device, non_blocking=True), batch_labels.to(c.device, non_blocking=True), end, skipped)
+                yield Batch(batch_images.to(c.device, non_blocking=True).permute(0, 3, 1, 2),
+                            batch_labels.to(c.device, non_blocking=True),
+                            batch_mirror.to(c.device, non_blocking=True), end, skipped)
         raise out_of_samples_error(c.rank, plan, corrupt, self.manifest.root)
 
 

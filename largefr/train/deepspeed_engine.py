@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from largefr.config import Config, ConfigError
+from largefr.data.loader import LoadedBatch
 from largefr.distributed import DistContext, broadcast_buffers
 from largefr.train.amp import Precision
 from largefr.train.objective import Objective
@@ -62,6 +63,8 @@ _REFUSED_SECTIONS = {
     "bf16": "bf16 is torch autocast (train.precision=bf16) with fp32 weights",
 }
 
+
+MicroBatch = LoadedBatch | tuple[torch.Tensor, torch.Tensor]  # a pair: (images, labels), nothing mirrored
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON of a run: generated from ``cfg``, then ``deepspeed.config``'s keys over it."""
@@ -149,11 +152,11 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Conf
 def engine_step(
     engine: Any, objective: Objective,
     head_opt: torch.optim.Optimizer | None, scheduler: ScheduledLR, precision: Precision,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], ctx: DistContext, clipping: bool,
-    inputs: Callable[[torch.Tensor], torch.Tensor],
+    micro_batches: Sequence[MicroBatch], ctx: DistContext, clipping: bool,
+    inputs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over the engine's ``gradient_accumulation_steps`` micro-batches (loader images,
-    turned into the backbone's input by ``inputs``):
+    """One optimizer step over the engine's ``gradient_accumulation_steps`` micro-batches (loader images
+    and mirror flags, turned into the backbone's input by ``inputs``):
     (mean loss, backbone grad norm before clipping or 0 without clipping, 1.0 if the engine skipped)."""
     count = len(micro_batches)
     if count != engine.gradient_accumulation_steps():
@@ -161,10 +164,11 @@ def engine_step(
     # as DDP's buffer sync: rank 0's BatchNorm running statistics on every rank before the forward
     broadcast_buffers(engine.module, ctx.group)
     total = torch.zeros((), device=ctx.device)
-    for i, (images, labels) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
+        images, labels, mirror = LoadedBatch(*batch)
         with precision.autocast():
             objective.prefetch(labels)
-            embeddings = engine(inputs(images))
+            embeddings = engine(inputs(images, mirror))
             loss = objective(embeddings, labels)
         engine.backward(loss)  # loss / count, for the head's gradient too
         total += loss.detach().float() / count

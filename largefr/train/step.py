@@ -7,9 +7,9 @@ micro-batches each micro-batch loss is divided by A: the backbone's .grad and th
 (merged over backward passes) both accumulate the gradient of the mean of the A micro-batch losses.
 DDP all-reduces only in the last micro-batch's backward (``no_sync`` before).
 
-Input. Micro-batches hold the loaders' uint8 images; each is normalised on the compute device
-(:func:`largefr.models.input.normalize_images`, into ``parts.inputs``' reused buffer) right before
-its forward. The head's rows are chosen from the labels before the backbone's forward (Objective.prefetch).
+Input. Micro-batches hold the loaders' uint8 images and mirror flags; each is mirrored and normalised on
+the compute device (:func:`largefr.models.input.normalize_images`, into ``parts.inputs``' reused buffer)
+right before its forward. The head's rows are chosen from the labels before the backbone's forward (Objective.prefetch).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from typing import Sequence
 
 import torch
 
+from largefr.data.loader import LoadedBatch
 from largefr.train.build import TrainParts
-from largefr.train.deepspeed_engine import engine_step
+from largefr.train.deepspeed_engine import MicroBatch, engine_step
 
 
 @dataclass
@@ -33,16 +34,18 @@ class StepResult:
     skipped: torch.Tensor
 
 
-def forward_backward(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Accumulate the gradients of the mean micro-batch loss; returns that mean (detached)."""
+def forward_backward(parts: TrainParts, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
+    """Accumulate the gradients of the mean micro-batch loss; returns that mean (detached). A micro-batch is
+    a loader's :class:`LoadedBatch` or an (images, labels) pair (nothing mirrored)."""
     count = len(micro_batches)
     if count < 1:
         raise ValueError("a step needs at least one micro-batch")
     total = torch.zeros((), device=parts.ctx.device)
-    for i, (images, labels) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
+        images, labels, mirror = LoadedBatch(*batch)
         sync = contextlib.nullcontext() if i == count - 1 else parts.ddp.no_sync()
         with sync:
-            inputs = parts.inputs(images)
+            inputs = parts.inputs(images, mirror)
             with parts.precision.autocast():  # the head's rows dtype follows autocast: prefetch inside it
                 parts.objective.prefetch(labels)
                 embeddings = parts.ddp(inputs)
@@ -78,7 +81,7 @@ def apply_gradients(parts: TrainParts) -> tuple[torch.Tensor, torch.Tensor]:
     return grad_norm, found_inf
 
 
-def train_step(parts: TrainParts, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+def train_step(parts: TrainParts, micro_batches: Sequence[MicroBatch]) -> StepResult:
     if parts.engine is not None:  # train.engine=deepspeed: the engine reduces, clips and steps the backbone
         clipping = parts.cfg.train.clip_grad_norm is not None
         return StepResult(*engine_step(parts.engine, parts.objective, parts.head_opt, parts.scheduler, parts.precision,

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from largefr.data.loader import FaceLoader
+from largefr.data.loader import FaceLoader, LoadedBatch
 from largefr.distributed import all_reduce_
 from largefr.train.build import TrainParts
 from largefr.train.checkpoint import step_dir_name
@@ -147,7 +147,7 @@ class Trainer:
             log.info("epoch %d: skipped %d corrupt samples (%d in total)", epoch, in_epoch, total)
         self.logger.log(self.progress.step, {"skipped_samples": total, "skipped_samples_epoch": in_epoch})
 
-    def _micro_batches(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(self, batches: Iterator[LoadedBatch]) -> list[LoadedBatch]:
         # The torch DataLoader draws its workers' base seed from the global torch RNG when an epoch
         # starts; keep that draw out of the training stream so resumed runs see the same dropout masks.
         with torch.random.fork_rng(devices=[]):
