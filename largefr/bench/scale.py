@@ -6,9 +6,12 @@ between points; the processes exit before the next point starts). Each rank buil
 (weight_dtype W and optimizer state, on the device or in a separate host store), runs warm-up and
 timed steps (forward + backward + row-sparse SGD-momentum step on random embeddings, uniform labels),
 and records:
-- peak memory: peak RSS on CPU (ru_maxrss, taken before the floor's own buffers exist) minus the RSS of
-  the process before the head was built (interpreter, torch, process group; RSS is a high-water mark, so a
-  head smaller than the start-up peak reads 0); ``max_memory_allocated`` on an accelerator;
+- peak memory: peak RSS on CPU (ru_maxrss, taken before the floor's own buffers exist) minus the baseline,
+  the peak RSS after the same warm-up steps of a tiny head (``WARMUP_CLASSES_PER_RANK`` classes per rank):
+  what a process costs whatever the class count (interpreter, torch, process group, gloo's and the
+  autograd engine's buffers, allocator arenas; ~95 MB per rank with 2 gloo ranks) is not the head's, just
+  as ``max_memory_allocated``, used on an accelerator, excludes the CUDA context. RSS is a high-water mark,
+  so a head smaller than the baseline reads 0. ``fixed_mb`` reports the warm-up's own increase;
 - the planner's prediction for the same layout (largefr.memory_plan, head only), device + host terms;
 - the step time and the fp32 GEMM floor of that step's shapes, timed alternately in the same run.
 Writes ``results.csv`` and ``results.json`` to ``--out`` and draws the PNG plots (largefr.bench.scale_plots).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import itertools
 import json
 import resource
@@ -24,7 +28,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +37,8 @@ from largefr.distributed.spawn import run_local_ranks
 
 POINT_TIMEOUT_S = 3600.0
 
+
+WARMUP_CLASSES_PER_RANK = 1000  # the tiny head whose warm-up steps set the CPU baseline
 
 @dataclass(frozen=True)
 class ScalePoint:
@@ -50,6 +56,7 @@ class ScalePoint:
 @dataclass(frozen=True)
 class RankMeasure:
     baseline_bytes: int
+    fixed_bytes: int  # CPU: the tiny head's warm-up increase of peak RSS (not counted in peak_bytes)
     peak_bytes: int
     step_s: float
     floor_s: float
@@ -63,13 +70,12 @@ def _memory_now(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(device))  # accelerator: bytes the allocator handed out
 
 
-def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
+def _head_step(ctx: DistContext, point: ScalePoint, num_classes: int) -> tuple[Any, Callable[[], None]]:
+    """The point's head at ``num_classes`` and one training step of it (random embeddings, uniform labels)."""
     from largefr import PartialFC, margins
-    from largefr.bench.head import _GemmFloor, _timed
 
-    baseline = _memory_now(ctx.device) if ctx.device.type == "cpu" else 0
     head = PartialFC(
-        margins.ArcFace(), point.embedding_size, point.num_classes, point.sample_rate, ctx.group, seed=0,
+        margins.ArcFace(), point.embedding_size, num_classes, point.sample_rate, ctx.group, seed=0,
         validate=False, weight_dtype=point.weight_dtype, storage_device="cpu" if point.storage == "host" else None,
     ).to(ctx.device)
     opt = head.optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -77,12 +83,31 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
     emb = torch.randn(point.batch_size, point.embedding_size, generator=gen).to(ctx.device).requires_grad_(True)
 
     def step() -> None:
-        labels = torch.randint(0, point.num_classes, (point.batch_size,), generator=gen).to(ctx.device)
+        labels = torch.randint(0, num_classes, (point.batch_size,), generator=gen).to(ctx.device)
         head(emb, labels).backward()
         opt.step()
         opt.zero_grad()
         emb.grad = None
 
+    return head, step
+
+
+def _fixed_costs_warmed_up(ctx: DistContext, point: ScalePoint) -> tuple[int, int]:
+    """(RSS before, baseline): peak RSS before and after a tiny head's warm-up steps (CPU only)."""
+    before = _memory_now(ctx.device)
+    _, step = _head_step(ctx, point, WARMUP_CLASSES_PER_RANK * ctx.world_size)
+    for _ in range(max(1, point.warmup)):
+        step()
+    del step
+    gc.collect()
+    return before, _memory_now(ctx.device)
+
+
+def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
+    from largefr.bench.head import _GemmFloor, _timed
+
+    before, baseline = _fixed_costs_warmed_up(ctx, point) if ctx.device.type == "cpu" else (0, 0)
+    head, step = _head_step(ctx, point, point.num_classes)
     for _ in range(point.warmup):
         step()
     peak = _memory_now(ctx.device) - baseline
@@ -90,7 +115,7 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
     floor = _GemmFloor(point.batch_size * ctx.world_size, sampled, point.embedding_size, None, ctx.device)  # fp32 floor
     floor()
     steps, floors = zip(*[(_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device)) for _ in range(point.steps)])
-    return RankMeasure(baseline, peak, statistics.median(steps), statistics.median(floors),
+    return RankMeasure(baseline, baseline - before, peak, statistics.median(steps), statistics.median(floors),
                        statistics.median(a / b for a, b in zip(steps, floors)), sampled)
 
 
@@ -119,6 +144,7 @@ def measure_point(point: ScalePoint) -> dict[str, Any]:
         "rows_per_step": ranks[0].sampled_rows + point.batch_size * point.world_size,
         "peak_mb": worst.peak_bytes / 2**20,
         "baseline_mb": worst.baseline_bytes / 2**20,
+        "fixed_mb": max(r.fixed_bytes for r in ranks) / 2**20,
         "planned_mb": predicted / 2**20,
         "planned_device_mb": device_plan / 2**20,
         "planned_host_mb": host_plan / 2**20,
