@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from largefr.heads.factored_grad import keeps_low_precision_factor
 from largefr.heads.row_grad import BLOCK_ROWS
 from largefr.heads.sampling import num_sampled, shard_range
 
@@ -26,6 +27,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Storage = Literal["device", "host"]
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,11 @@ def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
     terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
     if inp.sample_rate < 1.0 or not inp.direct:  # compute rows gathered from the store
         terms["head: gathered sampled rows"] = k * d * DTYPE_BYTES[inp.rows_dtype]
-    if not single_chunk:  # one chunk: the gradient stays factored (logits buffer x embeddings)
+    if single_chunk:
+        pass  # the gradient stays factored: the logits buffer x the embeddings
+    elif keeps_low_precision_factor(n, d, LOW_PRECISION.get(inp.precision)):
+        terms["head: 16-bit gradient factor"] = n * k * 2
+    else:
         terms["head: sampled-row gradient"] = k * d * 4
     if inp.precision != inp.rows_dtype:  # the GEMMs' copy of fp32 rows
         terms["head: low-precision rows"] = k * d * 2

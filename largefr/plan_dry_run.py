@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from largefr.memory_plan import PlanInput, plan_memory
+from largefr.memory_plan import LOW_PRECISION, PlanInput, plan_memory
 from largefr.heads.sampling import num_sampled, shard_range
 
 # workspace slot -> planner term
@@ -38,9 +38,9 @@ SLOT_TERMS = {
     "logits": "head: logits buffer",
     "w_rows": "head: gathered sampled rows",
     "grad_w": "head: sampled-row gradient",
+    "grad_factor": "head: 16-bit gradient factor",
     "w_gemm": "head: low-precision rows",
 }
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

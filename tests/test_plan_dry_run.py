@@ -20,8 +20,11 @@ from largefr.plan_dry_run import dry_run, planned_terms
         # host-resident fp16 W with fp32 AdamW state, logits in chunks
         PlanInput(1001, 32, world_size=4, batch_size=3, sample_rate=0.5, head_optimizer="adamw", weight_dtype="fp16",
                   state_dtype="fp32", storage="host", chunk_rows=5),
+        # 1B classes host-resident on 8 ranks, r = 0.1, fp16 autocast, logits in chunks: G kept in fp16
+        PlanInput(1_000_000_000, 512, world_size=8, batch_size=64, sample_rate=0.1, precision="fp16", weight_dtype="fp16",
+                  storage="host", chunk_rows=64),
     ],
-    ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked"],
+    ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked", "8x1B-host-fp16-chunked"],
 )
 def test_dry_run_bytes_equal_the_planner_terms(inp: PlanInput) -> None:
     results = dry_run(inp)

@@ -10,7 +10,8 @@ target entries' "b W" part. That part is radial (P_j W_j = 0), so it is only add
 normalised. Keeping G and x (already in memory) instead of a [K, D] gradient lets the optimizer compute
 g block by block, right before updating those rows, while they are in cache: no [K, D] gradient buffer
 and no second pass over it. ``dense`` holds an already summed sum_i G_ij x_i when the logits were
-processed in chunks.
+processed in chunks in fp32, or ``factor`` holds G in the GEMMs' 16-bit dtype when that is smaller
+(:func:`keeps_low_precision_factor`).
 """
 from __future__ import annotations
 
@@ -32,13 +33,20 @@ def project_out_radial(
     grad_w.addcmul_(w_rows, (dots * inv_norm.square()).unsqueeze(1), value=-1.0)
 
 
+def keeps_low_precision_factor(num_rows: int, dim: int, gemm_dtype: torch.dtype | None) -> bool:
+    """With the logits in chunks, keep the W gradient as G [N, R] in the GEMMs' 16-bit dtype rather than a
+    summed [R, D] fp32 gradient when it is smaller (2N < 4D bytes per row). G is cast to that dtype for
+    the GEMM G^T x in either case, so the gradient is the one the unchunked head forms."""
+    return gemm_dtype in (torch.float16, torch.bfloat16) and 2 * num_rows < 4 * dim
+
+
 @dataclass
 class FactoredWeightGrad:
     """Factored dL/dW_rows (see the module docstring). Exactly one of ``factor`` or ``dense`` is set."""
 
     beta: torch.Tensor  # [K]
     inv_norm: torch.Tensor | None  # [K] 1/||W_j|| when W rows are normalised (projection needed)
-    factor: torch.Tensor | None = None  # G [N, K] fp32
+    factor: torch.Tensor | None = None  # G [N, K] fp32, or in x's 16-bit dtype
     x: torch.Tensor | None = None  # [N, D], fp32 or the autocast dtype
     dense: torch.Tensor | None = None  # [K, D] fp32
 

@@ -28,7 +28,8 @@ folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` in factored form
 (largefr.heads.factored_grad.FactoredWeightGrad), so no dense slice-sized gradient is ever accumulated by
-autograd and the optimizer can form it block by block while the rows are in cache. The saved state is a
+autograd and the optimizer can form it block by block while the rows are in cache. With the logits in chunks, G
+is kept in the GEMMs' 16-bit dtype when that is smaller than a summed [S*K, D] fp32 gradient (2N < 4D). The saved state is a
 :class:`largefr.heads.softmax_state.SavedSoftmax` (its module docstring maps these symbols to names).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from torch.distributed import ProcessGroup, ReduceOp
 
 from largefr.distributed.collectives import all_reduce_
-from largefr.heads.factored_grad import FactoredWeightGrad
+from largefr.heads.factored_grad import FactoredWeightGrad, keeps_low_precision_factor
 from largefr.heads.softmax_state import (
     ChunkBuffers,
     NontargetPrepare,
@@ -250,24 +251,31 @@ def _backward(saved: SavedSoftmax, spec: ShardedSoftmaxSpec, grad_loss: torch.Te
     grad_x_op = torch.empty(ops.x_gemm.shape, dtype=torch.float32, device=device)
     grad_x_raw = torch.zeros_like(ops.x_raw)
     beta = torch.zeros(ops.w_rows.shape[0], device=device)
-    dense = None
+    dense: torch.Tensor | None = None
+    kept_factor: torch.Tensor | None = None  # G [N, R] in the GEMMs' 16-bit dtype
     sink_leases = dict(saved.leases)
     buffers = saved.kept
-    if buffers is None:  # chunked: the buffers are reused per chunk, so the x-side sum is formed here
+    if buffers is None:  # chunked: the buffers are reused per chunk, so G is kept in 16 bits or G^T x summed here
         chunk_leases: dict[str, Lease] = {}
         buffers = take_chunk_buffers(spec.workspace, ops, saved.chunk_size, saved.transform is not None, chunk_leases)
-        dense, sink_leases["grad_w"] = spec.workspace.take("grad_w", tuple(ops.w_rows.shape), torch.float32, device)
-        dense.zero_()
+        if keeps_low_precision_factor(ops.num_rows, ops.x_gemm.shape[1], ops.x_gemm.dtype):
+            shape = (ops.num_rows, ops.w_rows.shape[0])
+            kept_factor, sink_leases["grad_factor"] = spec.workspace.take("grad_factor", shape, ops.x_gemm.dtype, device)
+        else:
+            dense, sink_leases["grad_w"] = spec.workspace.take("grad_w", tuple(ops.w_rows.shape), torch.float32, device)
+            dense.zero_()
     for a, b in saved.chunk_ranges:
         chunk, t = buffers.rows(b - a), saved.targets.rows(a, b)
         if saved.kept is None:
             _local_softmax_(ops, t, saved.transform, a, b, chunk)
         row_scale = coef * saved.row_factor[a:b]  # dL/dl_ij = row_scale_i p_ij - coef [j = y_i]
         factor = _chunk_backward(ops, t, chunk, row_scale, coef, spec.target_fn, a, b, grad_x_op, grad_x_raw, beta)
-        if dense is not None:
+        if kept_factor is not None:
+            kept_factor[a:b].copy_(factor)
+        elif dense is not None:
             _mm_into(factor.t() if ops.x_gemm.dtype == torch.float32 else factor.t().to(ops.x_gemm.dtype),
                      ops.x_gemm[a:b], dense, accumulate=True)
-    factor = buffers.weight_factor if dense is None else None
+    factor = buffers.weight_factor if saved.kept is not None else kept_factor
     weight_grad = FactoredWeightGrad(beta, ops.inv_norm, factor=factor, x=ops.x_gemm.detach(), dense=dense)
     spec.grad_sink(weight_grad, tuple(sink_leases.values()))
     return grad_x_op, grad_x_raw
