@@ -3,7 +3,8 @@
 Head terms follow the head's own buffers (largefr.heads): the W slice and its optimizer state on the
 largest rank (in their storage dtypes; in host memory when ``storage="host"``), the sampled rows gathered for
 the GEMMs (in 16 bits when W is stored in the autocast dtype), their gradient, the logits buffer (bounded by
-``chunk_rows``) and, under autocast of fp32 rows, their low-precision copy. Backbone terms count parameters on
+``chunk_rows``) and, under autocast of fp32 rows, their low-precision copy; with sub-centres (``margin``) S rows
+per class and the sub-centre scores, with CurricularFace the non-target slope. Backbone terms count parameters on
 the meta device (no memory), their gradients and optimizer state, and activations saved for backward,
 measured by running one 112x112 sample through the backbone with saved-tensor hooks.
 """
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 
 from largefr.heads.factored_grad import keeps_low_precision_factor
+from largefr.heads.margins import build_margin, transforms_nontargets
 from largefr.heads.row_grad import BLOCK_ROWS
 from largefr.heads.sampling import num_sampled, shard_range
 
@@ -46,6 +48,18 @@ class PlanInput:
     weight_dtype: Precision = "fp32"  # storage of the W slice
     state_dtype: Precision | None = None  # head optimizer state; None: weight_dtype
     storage: Storage = "device"  # "host": W and its state in host memory, only sampled rows on the device
+    margin: str = "arcface"  # largefr.heads.margins registry name: sub-centres and a non-target slope add buffers
+    margin_params: tuple[tuple[str, float], ...] = ()
+
+    @functools.cached_property
+    def sub_centers(self) -> int:
+        """W rows per class (sub-centre ArcFace's S; 1 otherwise)."""
+        return build_margin(self.margin, **dict(self.margin_params)).num_sub_centers
+
+    @functools.cached_property
+    def nontarget_slope(self) -> bool:
+        """The margin transforms non-target logits (CurricularFace): an [n, K] fp32 slope buffer per chunk."""
+        return transforms_nontargets(build_margin(self.margin, **dict(self.margin_params)))
 
     @property
     def head_state_dtype(self) -> Precision:
@@ -80,6 +94,7 @@ class PlanInput:
                 raise ValueError(f"{name} must be fp32, bf16 or fp16, got {value!r}")
         if self.storage not in ("device", "host"):
             raise ValueError(f"storage must be 'device' or 'host', got {self.storage!r}")
+        self.sub_centers  # an unknown margin or bad parameters: build_margin's ValueError names them
 
 
 @dataclass
@@ -107,27 +122,36 @@ def sampled_rows(inp: PlanInput, rank: int = 0) -> int:
 
 
 def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
-    """The head's per-step temporaries (largefr.heads.workspace slots) on ``rank`` (0: the largest)."""
+    """The head's per-step temporaries (largefr.heads.workspace slots) on ``rank`` (0: the largest).
+
+    k sampled classes have R = S k rows (S sub-centres); a chunk of c batch rows holds [c, k] logits and,
+    with sub-centres, [c, R] sub-centre scores and the [c, k] int64 best sub-centre."""
     k, d = sampled_rows(inp, rank), inp.embedding_size
+    rows = k * inp.sub_centers
     n = inp.batch_size * inp.world_size
-    single_chunk = inp.chunk_rows is None or inp.chunk_rows >= n
-    terms = {"head: logits buffer": min(inp.chunk_rows or n, n) * k * 4}
+    chunk = min(inp.chunk_rows or n, n)
+    terms = {"head: logits buffer": chunk * k * 4}
+    if inp.sub_centers > 1:
+        terms["head: sub-centre scores"] = chunk * rows * 4
+        terms["head: best sub-centre"] = chunk * k * 8
+    if inp.nontarget_slope:
+        terms["head: non-target slope"] = chunk * k * 4
     if inp.sample_rate < 1.0 or not inp.direct:  # compute rows gathered from the store
-        terms["head: gathered sampled rows"] = k * d * DTYPE_BYTES[inp.rows_dtype]
-    if single_chunk:
-        pass  # the gradient stays factored: the logits buffer x the embeddings
+        terms["head: gathered sampled rows"] = rows * d * DTYPE_BYTES[inp.rows_dtype]
+    if chunk == n:
+        pass  # the gradient stays factored: the logits (or scores) buffer x the embeddings
     elif keeps_low_precision_factor(n, d, LOW_PRECISION.get(inp.precision)):
-        terms["head: 16-bit gradient factor"] = n * k * 2
+        terms["head: 16-bit gradient factor"] = n * rows * 2
     else:
-        terms["head: sampled-row gradient"] = k * d * 4
+        terms["head: sampled-row gradient"] = rows * d * 4
     if inp.precision != inp.rows_dtype:  # the GEMMs' copy of fp32 rows
-        terms["head: low-precision rows"] = k * d * 2
+        terms["head: low-precision rows"] = rows * d * 2
     return terms
 
 
 def plan_memory(inp: PlanInput, rank: int = 0) -> MemoryPlan:
     """Memory of ``rank`` (default 0, which holds the largest slice)."""
-    rows, d = _slice_rows(inp, rank), inp.embedding_size
+    rows, d = _slice_rows(inp, rank) * inp.sub_centers, inp.embedding_size
     plan = MemoryPlan()
     stored = plan.host_terms if inp.storage == "host" else plan.terms
     stored["head: W slice"] = rows * d * DTYPE_BYTES[inp.weight_dtype]

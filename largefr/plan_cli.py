@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from largefr.heads.margins import parse_margin_param
 from largefr.memory_plan import (
     DTYPE_BYTES, OPTIMIZER_STATES, MemoryPlan, PlanInput, largest_slice, format_bytes, max_classes, parse_bytes,
     plan_memory, sampled_rows,
@@ -22,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dtype", choices=sorted(DTYPE_BYTES), default=None, help="head optimizer state (default: W's)")
     parser.add_argument("--storage", choices=["device", "host"], default="device", help="where W and its state live")
     parser.add_argument("--chunk-rows", type=int, default=None)
+    parser.add_argument("--margin", default="arcface",
+                        help="margin registry name: sub-centres (subcenter_arcface) and CurricularFace's slope add buffers")
+    parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=parse_margin_param,
+                        help="a margin parameter, e.g. --margin-param sub_centers=3 (repeatable)")
     parser.add_argument("--backbone", default=None, help="e.g. iresnet100 (adds parameters and activations)")
     parser.add_argument("--max-classes", action="store_true", help="print the largest class count that fits --device-memory")
     parser.add_argument("--device-memory", type=parse_bytes, default=None, help="per rank, e.g. 32GiB (with --max-classes)")
@@ -37,6 +42,7 @@ def input_from_args(args: argparse.Namespace, num_classes: int) -> PlanInput:
         num_classes, args.embedding_size, args.world_size, args.batch_size, args.sample_rate,
         args.head_optimizer, args.precision, args.chunk_rows, args.backbone, args.backbone_optimizer,
         weight_dtype=args.weight_dtype, state_dtype=args.state_dtype, storage=args.storage,
+        margin=args.margin, margin_params=tuple(args.margin_param),
     )
 
 
@@ -44,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_classes:
         if args.device_memory is None:
             raise SystemExit("--max-classes needs --device-memory (e.g. 32GiB)")
-        template = input_from_args(args, max(args.world_size, 1))
         try:
+            template = input_from_args(args, max(args.world_size, 1))
             best = max_classes(template, args.device_memory, args.host_memory)
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
@@ -69,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 def print_plan(inp: PlanInput, plan: MemoryPlan) -> None:
     width = max(len(k) for k in (*plan.terms, *plan.host_terms))
     print(f"per-rank memory, {inp.num_classes:,} classes on {inp.world_size} ranks "
-          f"({largest_slice(inp):,} rows on the largest), {sampled_rows(inp):,} sampled rows per step; "
+          f"({largest_slice(inp):,} classes on the largest), {sampled_rows(inp):,} sampled classes per step"
+          f"{f' x {inp.sub_centers} sub-centres' if inp.sub_centers > 1 else ''}; "
           f"W {inp.weight_dtype}, head state {inp.head_state_dtype}, storage {inp.storage}")
     for name, size in plan.terms.items():
         print(f"  {name.ljust(width)}  {size / 2**30:9.3f} GiB")

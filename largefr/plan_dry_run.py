@@ -39,6 +39,9 @@ SLOT_TERMS = {
     "w_rows": "head: gathered sampled rows",
     "grad_w": "head: sampled-row gradient",
     "grad_factor": "head: 16-bit gradient factor",
+    "sub_scores": "head: sub-centre scores",
+    "best_sub": "head: best sub-centre",
+    "nontarget_slope": "head: non-target slope",
     "w_gemm": "head: low-precision rows",
 }
 
@@ -94,10 +97,11 @@ def dry_run(inp: PlanInput, ranks: Sequence[int] | None = None) -> list[DryRun]:
 
 
 def _one_rank(inp: PlanInput, rank: int, group: dist.ProcessGroup) -> DryRun:
-    from largefr import PartialFC, margins
+    from largefr import PartialFC
+    from largefr.heads.margins import build_margin
 
     head = PartialFC(
-        margins.ArcFace(), inp.embedding_size, inp.num_classes, inp.sample_rate, group, chunk_rows=inp.chunk_rows,
+        build_margin(inp.margin, **dict(inp.margin_params)), inp.embedding_size, inp.num_classes, inp.sample_rate, group, chunk_rows=inp.chunk_rows,
         validate=False, weight_dtype=inp.weight_dtype, storage_device="meta" if inp.storage == "host" else None,
     )
     hyper: dict[str, Any] = dict(lr=0.1, momentum=0.9) if inp.head_optimizer == "sgd" else dict(lr=1e-3)
@@ -119,7 +123,7 @@ def _one_rank(inp: PlanInput, rank: int, group: dist.ProcessGroup) -> DryRun:
     for slot, size in head._workspace.slot_bytes().items():
         result.terms[SLOT_TERMS[slot]] = size
     result.terms["head: optimizer block buffers"] = sum(b.nbytes for b in getattr(head_opt, "_blocks", []))
-    result.shapes = {"W slice": list(head.weight.shape), "sampled rows": [result.sampled_rows, inp.embedding_size],
+    result.shapes = {"W slice": list(head.weight.shape), "sampled rows": [result.sampled_rows * inp.sub_centers, inp.embedding_size],
                      "global batch": [inp.batch_size * inp.world_size, inp.embedding_size]}
     if backbone:
         result.terms.update(backbone.terms())
@@ -184,7 +188,7 @@ def run_dry(inp: PlanInput, ranks: Sequence[int] | None = None) -> list[DryRun]:
     for result in results:
         planned, planned_host = planned_terms(inp, result.rank)
         start, stop = result.class_range
-        print(f"rank {result.rank} of {inp.world_size}: classes [{start:,}, {stop:,}), {result.sampled_rows:,} sampled rows; "
+        print(f"rank {result.rank} of {inp.world_size}: classes [{start:,}, {stop:,}), {result.sampled_rows:,} sampled classes; "
               + ", ".join(f"{k} {v}" for k, v in result.shapes.items()))
         for where, measured, want_terms in (("device", result.terms, planned), ("host", result.host_terms, planned_host)):
             for name in dict.fromkeys([*measured, *want_terms]):

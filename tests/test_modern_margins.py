@@ -169,7 +169,7 @@ def test_recipes_build_the_papers_margins() -> None:
 def test_bench_margin_parameter_parsing_and_cost_statements() -> None:
     import argparse
 
-    from largefr.bench.head import _margin_param
+    from largefr.heads.margins import parse_margin_param as _margin_param
 
     assert _margin_param("scale=64") == ("scale", 64.0) and _margin_param("sub_centers=3") == ("sub_centers", 3)
     with pytest.raises(argparse.ArgumentTypeError, match="expected K=V"):

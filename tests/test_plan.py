@@ -42,6 +42,28 @@ def test_head_terms_match_allocations(
     assert sum(head_workspace_bytes(inp).values()) == head._workspace.nbytes()
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("name", sorted(margins.MARGINS))
+def test_every_margins_buffers_are_planned(name: str, chunk: int | None) -> None:
+    """Sub-centres (scores, best sub-centre, S x the rows) and CurricularFace's slope, slot by slot."""
+    num_classes, dim, batch, rate = 40, 8, 8, 0.5
+    params = (("sub_centers", 3),) if name == "subcenter_arcface" else ()
+    inp = PlanInput(num_classes, dim, world_size=1, batch_size=batch, sample_rate=rate, precision="bf16",
+                    chunk_rows=chunk, margin=name, margin_params=params)
+    head = PartialFC(margins.build_margin(name, **dict(params)), dim, num_classes, rate, chunk_rows=chunk)
+    opt = head.optimizer("sgd", lr=0.1, momentum=0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(torch.randn(batch, dim), torch.arange(batch) * 5)
+    loss.backward()
+    opt.step()
+    assert inp.sub_centers == head.margin.num_sub_centers
+    assert plan_memory(inp).terms["head: W slice"] == head.weight.nbytes
+    assert sum(head_workspace_bytes(inp).values()) == head._workspace.nbytes()
+    slots = head._workspace.slot_bytes()
+    assert ("nontarget_slope" in slots) == inp.nontarget_slope == (name == "curricularface")
+    assert ("sub_scores" in slots) == (name == "subcenter_arcface")
+
+
 def test_backbone_terms_and_errors() -> None:
     plan = plan_memory(PlanInput(1000, 64, world_size=2, batch_size=2, backbone="mobilefacenet"))
     with torch.device("meta"):
@@ -60,6 +82,10 @@ def test_backbone_terms_and_errors() -> None:
         PlanInput(10, weight_dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="storage"):
         PlanInput(10, storage="disk")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown margin 'arcfcae'"):
+        PlanInput(10, margin="arcfcae")
+    with pytest.raises(ValueError, match="bad parameters"):
+        PlanInput(10, margin="subcenter_arcface", margin_params=(("centres", 3),))
 
 
 def test_max_classes_is_the_boundary_and_no_fit_is_an_error() -> None:

@@ -23,8 +23,13 @@ from largefr.plan_dry_run import dry_run, planned_terms
         # 1B classes host-resident on 8 ranks, r = 0.1, fp16 autocast, logits in chunks: G kept in fp16
         PlanInput(1_000_000_000, 512, world_size=8, batch_size=64, sample_rate=0.1, precision="fp16", weight_dtype="fp16",
                   storage="host", chunk_rows=64),
+        # sub-centre ArcFace (3 rows per class: W, rows, scores, best sub-centre), chunked, fp16; CurricularFace's slope
+        PlanInput(100_003, 512, world_size=4, batch_size=64, sample_rate=0.1, precision="fp16", weight_dtype="fp16",
+                  chunk_rows=100, margin="subcenter_arcface", margin_params=(("sub_centers", 3),)),
+        PlanInput(100_003, 512, world_size=4, batch_size=64, sample_rate=0.1, margin="curricularface"),
     ],
-    ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked", "8x1B-host-fp16-chunked"],
+    ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked", "8x1B-host-fp16-chunked",
+         "4-ranks-subcenter-chunked", "4-ranks-curricularface"],
 )
 def test_dry_run_bytes_equal_the_planner_terms(inp: PlanInput) -> None:
     results = dry_run(inp)

@@ -37,6 +37,7 @@ import torch
 
 from largefr.distributed import DistContext, barrier
 from largefr.distributed.spawn import run_local_ranks
+from largefr.heads.margins import parse_margin_param
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,7 +129,8 @@ def planned_bytes(cfg: HeadBenchConfig) -> int:
     from largefr.memory_plan import PlanInput, plan_memory
 
     return plan_memory(PlanInput(cfg.num_classes, cfg.embedding_size, cfg.world_size, cfg.batch_size,
-                                 cfg.sample_rate, cfg.optimizer, cfg.dtype, cfg.chunk_rows)).total
+                                 cfg.sample_rate, cfg.optimizer, cfg.dtype, cfg.chunk_rows, margin=cfg.margin,
+                                 margin_params=cfg.margin_params)).total
 
 
 def _bench_extra_bytes(cfg: HeadBenchConfig) -> int:
@@ -326,20 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-rows", type=int, default=None)
     parser.add_argument("--margin", default="arcface", help="margin registry name (largefr.heads.margins.MARGINS)")
-    parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=_margin_param,
+    parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=parse_margin_param,
                         help="a margin parameter, e.g. --margin-param scale=64 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per config")
-
-
-def _margin_param(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected K=V (e.g. scale=64), got {text!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"margin parameter {key} must be a number, got {value!r}") from None
-    return key, int(number) if number.is_integer() and key == "sub_centers" else number
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ functions here are pure tensor math.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import KW_ONLY, dataclass
 from typing import ClassVar
@@ -35,6 +36,7 @@ __all__ = [
     "AdaFace", "ArcFace", "CombinedMargin", "CosFace", "CurricularFace", "ElasticArcFace", "ElasticCosFace",
     "LSoftmax", "MagFace", "Margin", "MarginBatch", "MARGINS", "NormFace", "NormalizedMargin", "Softmax",
     "SphereFace", "SubCenterArcFace", "build_margin", "combined_margin_cosine", "multiplicative_angular_psi",
+    "parse_margin_param", "transforms_nontargets",
 ]
 
 
@@ -180,3 +182,21 @@ def build_margin(name: str, **params: float) -> Margin:
         return MARGINS[key](**params)
     except TypeError as exc:
         raise ValueError(f"bad parameters {params} for margin {name!r}: {exc}") from exc
+
+
+def parse_margin_param(text: str) -> tuple[str, float]:
+    """``K=V`` of a command line's ``--margin-param`` (``sub_centers`` stays an int)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V (e.g. scale=64), got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"margin parameter {key} must be a number, got {value!r}") from None
+    return key, int(number) if number.is_integer() and key == "sub_centers" else number
+
+
+def transforms_nontargets(margin: Margin) -> bool:
+    """Whether training transforms the non-target logits (the head then keeps an [n, K] slope buffer)."""
+    state = {name: torch.tensor(value) for name, value in margin.initial_state().items()}
+    return margin.nontarget(state, True) is not None
