@@ -50,6 +50,7 @@ class PlanInput:
     storage: Storage = "device"  # "host": W and its state in host memory, only sampled rows on the device
     margin: str = "arcface"  # largefr.heads.margins registry name: sub-centres and a non-target slope add buffers
     margin_params: tuple[tuple[str, float], ...] = ()
+    center_loss: bool = False  # a centre-loss term beside the head: fp32 class centres sharded like W, on the device
 
     @functools.cached_property
     def sub_centers(self) -> int:
@@ -157,6 +158,8 @@ def plan_memory(inp: PlanInput, rank: int = 0) -> MemoryPlan:
     stored["head: W slice"] = rows * d * DTYPE_BYTES[inp.weight_dtype]
     stored["head: optimizer state"] = OPTIMIZER_STATES[inp.head_optimizer] * rows * d * DTYPE_BYTES[inp.head_state_dtype]
     plan.terms.update(head_workspace_bytes(inp, rank))
+    if inp.center_loss:  # largefr.heads.center.ShardedCenterLoss: one fp32 centre per class of the slice
+        plan.terms["center loss: class centres"] = _slice_rows(inp, rank) * d * 4
     # allocated once at full block size (rows, gradient, scratch, one per state), whatever the sample size
     plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * BLOCK_ROWS * d * 4
     if inp.backbone:

@@ -18,6 +18,8 @@ Where the real code cannot run on meta, this is what is done instead (nothing el
 - torch's fused optimizer kernels have no meta version: the row optimizer gathers, forms the gradient,
   rounds and writes back every block, but skips the in-place update kernel on meta blocks (it allocates
   nothing); the backbone's torch optimizer runs its non-fused path;
+- the centre loss (``center_loss``) is built but not run: its forward enters autocast on the embeddings'
+  device, and autocast has no meta device;
 - a sample smaller than the global batch needs a data-dependent count of distinct positives, which meta
   tensors cannot give: such layouts are refused.
 """
@@ -125,6 +127,13 @@ def _one_rank(inp: PlanInput, rank: int, group: dist.ProcessGroup) -> DryRun:
     result.terms["head: optimizer block buffers"] = sum(b.nbytes for b in getattr(head_opt, "_blocks", []))
     result.shapes = {"W slice": list(head.weight.shape), "sampled rows": [result.sampled_rows * inp.sub_centers, inp.embedding_size],
                      "global batch": [inp.batch_size * inp.world_size, inp.embedding_size]}
+    if inp.center_loss:
+        from largefr.heads.center import ShardedCenterLoss
+
+        # built, not run: its forward enters autocast on the embeddings' device, which meta is not; it keeps
+        # nothing beyond the centres (the update's temporaries are batch-sized)
+        centre_loss = ShardedCenterLoss(inp.num_classes, inp.embedding_size, process_group=group)
+        result.terms["center loss: class centres"] = centre_loss.centers.nbytes
     if backbone:
         result.terms.update(backbone.terms())
     return result

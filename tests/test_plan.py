@@ -64,6 +64,16 @@ def test_every_margins_buffers_are_planned(name: str, chunk: int | None) -> None
     assert ("sub_scores" in slots) == (name == "subcenter_arcface")
 
 
+def test_centre_loss_centres_are_planned() -> None:
+    from largefr.heads.center import ShardedCenterLoss
+
+    inp = PlanInput(1003, 16, world_size=1, batch_size=4, center_loss=True)
+    centre_loss = ShardedCenterLoss(1003, 16)
+    centre_loss(torch.randn(4, 16), torch.arange(4))
+    assert plan_memory(inp).terms["center loss: class centres"] == centre_loss.centers.nbytes
+    assert "center loss: class centres" not in plan_memory(replace(inp, center_loss=False)).terms
+
+
 def test_backbone_terms_and_errors() -> None:
     plan = plan_memory(PlanInput(1000, 64, world_size=2, batch_size=2, backbone="mobilefacenet"))
     with torch.device("meta"):

@@ -26,10 +26,10 @@ from largefr.plan_dry_run import dry_run, planned_terms
         # sub-centre ArcFace (3 rows per class: W, rows, scores, best sub-centre), chunked, fp16; CurricularFace's slope
         PlanInput(100_003, 512, world_size=4, batch_size=64, sample_rate=0.1, precision="fp16", weight_dtype="fp16",
                   chunk_rows=100, margin="subcenter_arcface", margin_params=(("sub_centers", 3),)),
-        PlanInput(100_003, 512, world_size=4, batch_size=64, sample_rate=0.1, margin="curricularface"),
+        PlanInput(100_003, 512, world_size=4, batch_size=64, sample_rate=0.1, margin="curricularface", center_loss=True),
     ],
     ids=["64x100M-bf16", "3-ranks-mobilefacenet", "2-ranks-iresnet18-adamw", "host-fp16-adamw-chunked", "8x1B-host-fp16-chunked",
-         "4-ranks-subcenter-chunked", "4-ranks-curricularface"],
+         "4-ranks-subcenter-chunked", "4-ranks-curricularface-centre-loss"],
 )
 def test_dry_run_bytes_equal_the_planner_terms(inp: PlanInput) -> None:
     results = dry_run(inp)
