@@ -60,6 +60,24 @@ def test_shared_halves_round_each_tensor_as_its_own_draw_would() -> None:
     assert rounding_source(torch.device("meta"), 1) is None
 
 
+def test_rounding_into_caller_buffers_gives_the_same_bits() -> None:
+    """The optimizer draws into its free gradient buffer and rounds bf16 in its scratch (a view of the high halves)."""
+    x = torch.randn(3, 500, generator=torch.Generator().manual_seed(5)) * 1e-3
+    fresh = random_halves(x.numel(), x.device, HostNoise(7))
+    out = torch.full((4, 500), -1, dtype=torch.int32)
+    drawn = random_halves(x.numel(), x.device, HostNoise(7), out)
+    assert torch.equal(drawn, fresh) and drawn.data_ptr() == out.data_ptr() and (out[3] == -1).all()
+    scratch = torch.empty(3, 500, dtype=torch.int32)
+    in_scratch = round_stochastic(x, torch.bfloat16, None, fresh, scratch)
+    assert in_scratch.dtype == torch.bfloat16 and in_scratch.untyped_storage().data_ptr() == scratch.data_ptr()
+    expected = (x.view(torch.int32) + fresh.view(3, 500)).bitwise_and(-65536).view(torch.float32)
+    assert torch.equal(in_scratch.float(), expected) and torch.equal(round_stochastic(x, torch.bfloat16, None, fresh), in_scratch)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        random_halves(x.numel(), x.device, HostNoise(7), out[:1])
+    with pytest.raises(ValueError, match="scratch must be int32"):
+        round_stochastic(x, torch.bfloat16, None, fresh, scratch[:2])
+
+
 def test_least_squares_stalls_with_round_to_nearest_but_tracks_fp32_with_stochastic_rounding() -> None:
     """GD on ||A w - b||^2 / 2 with w stored in bf16: steps ~1e-4 are below half an ulp of w ~ 1 (2^-8)."""
     gen = torch.Generator().manual_seed(0)

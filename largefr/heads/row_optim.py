@@ -141,13 +141,15 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             block_state = [store.read_rows(full, ids, a, b, out[: b - a]) for full, out in zip(buffers, state_bufs)]
             if not rows.is_meta:  # torch's update kernels have no meta version; in place, they allocate nothing
                 self._update(rows, grad, [rows_state for rows_state, _ in block_state])
-            # one draw per block, shared by W and its states (each rounding stays unbiased)
-            halves = random_halves(rows.numel(), device, rounding) if rounding is not None else None
+            # one draw per block, shared by W and its states (each rounding stays unbiased); the gradient and
+            # scratch buffers are free once the update has run: they hold the draw and the rounded bits
+            halves = None if rounding is None else random_halves(rows.numel(), device, rounding, grad_buf.view(torch.int32))
+            rounded = scratch[: b - a].view(torch.int32)
             if not in_place:
-                store.write_rows(weight, ids, a, b, rows, rounding, halves)
+                store.write_rows(weight, ids, a, b, rows, rounding, halves, rounded)
             for full, (rows_state, view) in zip(buffers, block_state):
                 if not view:
-                    store.write_rows(full, ids, a, b, rows_state, rounding, halves)
+                    store.write_rows(full, ids, a, b, rows_state, rounding, halves, rounded)
 
     def _rounding_source(self, device: torch.device) -> NoiseSource | None:
         """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""

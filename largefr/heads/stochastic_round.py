@@ -7,12 +7,12 @@ representable value hi with probability (x - lo) / (hi - lo) and down to lo othe
 E[round(x)] = x and small updates accumulate in expectation.
 
 Both formats draw one uniform 16-bit integer k per value (``random_halves``):
-- bf16 is the top 16 bits of fp32: add k to the fp32 bit pattern and truncate the low 16 bits
-  (sign-magnitude, so the same holds for negative values); the probability of rounding up is exactly the
-  dropped fraction. No extra pass tests for non-finite values: +-inf stays +-inf (the carry stays in the
-  dropped bits) and so do the NaNs arithmetic produces (quiet NaN, payload in the high mantissa bits); only
-  a NaN whose payload lies entirely in the low 16 bits can round to inf (still non-finite). Values that
-  round past the largest bf16 become inf.
+- bf16 is the top 16 bits of fp32: add k to the fp32 bit pattern and keep the high 16 bits (sign-magnitude,
+  so the same holds for negative values); the probability of rounding up is exactly the dropped fraction.
+  The result is a view of those halves (one pass: the add, into caller's scratch when given). No extra pass
+  tests for non-finite values: +-inf stays +-inf (the carry stays in the dropped bits) and so do the NaNs
+  arithmetic produces (quiet NaN, payload in the high mantissa bits); only a NaN whose payload lies entirely
+  in the low 16 bits can round to inf (still non-finite). Values that round past the largest bf16 become inf.
 - fp16 (5 exponent bits, 10 mantissa bits): the spacing of fp16 at |x| is 2^(e - 11) for
   x = m 2^e, m in [0.5, 1), and 2^-24 in the subnormal range; round floor(x / spacing + u) * spacing with
   u = (k >> 3) 2^-13. x / spacing (exact: a power of two) has at most 13 fractional bits outside the
@@ -31,6 +31,7 @@ way a seed gives the same bits every time.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FP16_MANTISSA_BITS = 11  # with the implicit bit
 _FP16_MIN_EXPONENT = -24  # spacing of the subnormals
 _FP16_NOISE_BITS = 13  # fp32's 24-bit mantissa minus fp16's 11: the bits rounding can drop
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # index of an int32's high 16 bits among its two int16
 
 
 @dataclass
@@ -69,23 +71,35 @@ def rounding_source(device: torch.device, seed: int) -> NoiseSource | None:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def random_halves(numel: int, device: torch.device, source: NoiseSource | None) -> torch.Tensor:
-    """int32 [numel] uniform in [0, 2^16): four per random 64-bit word, zero-extended (no masking pass)."""
+def random_halves(
+    numel: int, device: torch.device, source: NoiseSource | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int32 [numel] uniform in [0, 2^16): four per random 64-bit word, zero-extended (no masking pass).
+
+    ``out``: a contiguous int32 tensor of at least ``numel`` elements on ``device`` to fill instead of a new one."""
     count = (numel + 3) // 4
     if isinstance(source, HostNoise):
         words = source.words(count).to(device)
     else:
         words = torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=source)
-    return words.view(torch.uint16)[:numel].to(torch.int32)
+    halves = words.view(torch.uint16)[:numel]
+    if out is None:
+        return halves.to(torch.int32)
+    if out.dtype != torch.int32 or not out.is_contiguous() or out.numel() < numel:
+        raise ValueError(f"out must be contiguous int32 with >= {numel} elements, got {out.dtype} {tuple(out.shape)}")
+    return out.view(-1)[:numel].copy_(halves)
 
 
 def round_stochastic(
-    values: torch.Tensor, dtype: torch.dtype, source: NoiseSource | None, halves: torch.Tensor | None = None
+    values: torch.Tensor, dtype: torch.dtype, source: NoiseSource | None, halves: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is.
 
     ``halves``: this call's random integers (``random_halves`` of values.numel(), e.g. shared with other
-    tensors of the same shape); drawn from ``source`` when None.
+    tensors of the same shape); drawn from ``source`` when None. ``scratch``: an int32 tensor of values'
+    shape that bf16 rounding works in; the bf16 result is then a (strided) view of it, valid until
+    ``scratch`` is reused.
     """
     if values.dtype != torch.float32:
         raise TypeError(f"stochastic rounding reads fp32 values, got {values.dtype}")
@@ -100,15 +114,21 @@ def round_stochastic(
         raise ValueError(f"halves must be int32 with {numel} elements, got {halves.dtype} with {halves.numel()}")
     halves = halves.view(values.shape)
     if dtype == torch.bfloat16:
-        return _round_bf16(values, halves)
+        return _round_bf16(values, halves, scratch)
     return _round_fp16(values, halves)
 
 
-def _round_bf16(values: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+def _round_bf16(values: torch.Tensor, halves: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     bits = values.contiguous().view(torch.int32)
     # adding below the kept bits carries into the mantissa (or exponent) with probability = the dropped fraction
-    rounded = torch.add(bits, halves).bitwise_and_(-65536)  # 0xFFFF0000
-    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    if scratch is None:
+        rounded = torch.add(bits, halves)
+    elif scratch.dtype != torch.int32 or scratch.shape != bits.shape:
+        raise ValueError(f"scratch must be int32 of shape {tuple(bits.shape)}, got {scratch.dtype} {tuple(scratch.shape)}")
+    else:
+        rounded = torch.add(bits, halves, out=scratch)
+    high = rounded.view(torch.int16).unflatten(-1, (-1, 2))[..., _HIGH_HALF]  # the bf16 bit patterns
+    return high.view(torch.bfloat16)
 
 
 def _round_fp16(values: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:

@@ -92,14 +92,15 @@ class WeightStore:
 
     def write_rows(
         self, full: torch.Tensor, ids: torch.Tensor | None, a: int, b: int, rows: torch.Tensor,
-        source: NoiseSource | None, halves: torch.Tensor | None = None,
+        source: NoiseSource | None, halves: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
     ) -> None:
         """Write fp32 ``rows`` back to rows [a, b) of ``ids`` in ``full``, rounded to its dtype (stochastically,
-        from ``halves`` when given, else from ``source``: largefr.heads.stochastic_round)."""
+        from ``halves`` when given, else from ``source``, in the int32 ``scratch`` of rows' shape when given:
+        largefr.heads.stochastic_round)."""
         if full.dtype != torch.float32:
             if source is None and halves is None and full.device.type != "meta":
                 raise ValueError(f"writing rows to {full.dtype} storage needs a noise source for stochastic rounding")
-            rows = round_stochastic(rows, full.dtype, source, halves)
+            rows = round_stochastic(rows, full.dtype, source, halves, scratch)
         if ids is None:
             full[a:b].copy_(rows)
         else:
