@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from largefr.data.labels import LabelOutOfRange, parse_label, parse_label_rows
+from largefr.data.labels import LabelOutOfRange, pad_label_rows, parse_label, parse_label_rows
 from largefr.data.loader_factory import build_loader, dali_available
 from largefr.data.manifest import Manifest, ShardInfo, write_manifest
 from largefr.data.epoch_order import EpochPlan
@@ -142,6 +142,10 @@ def test_one_label_grammar_for_single_payloads_and_padded_batches():
     raw = np.full((len(LABEL_CASES), 20), -1, dtype=np.int16)
     for i, (payload, _) in enumerate(LABEL_CASES):
         raw[i, : len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    padded = pad_label_rows([np.frombuffer(payload, dtype=np.uint8) for payload, _ in LABEL_CASES])  # DALI's path
+    width = max(len(payload) for payload, _ in LABEL_CASES)
+    assert padded.dtype == np.int16 and np.array_equal(padded, raw[:, :width])
+    assert pad_label_rows([np.zeros(0, np.uint8)] * 3).shape == (3, 0)
     values, ok = parse_label_rows(raw, 20)
     for i, (payload, expected) in enumerate(LABEL_CASES):
         assert parse_label(payload, 20) == expected, payload

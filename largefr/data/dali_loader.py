@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from largefr.data.labels import LABEL_PAD, LabelOutOfRange, parse_label, parse_label_rows
+from largefr.data.labels import LabelOutOfRange, pad_label_rows, parse_label, parse_label_rows
 from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_error, register_loader
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
@@ -90,8 +90,9 @@ def batch_flips(plan: EpochPlan, listing: Listing, flip: bool, shuffle_buffer: i
 
 def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, device_id: int | None, prefetch: int,
                    seed: int, shuffle_buffer: int = 0, decode_only: bool = False) -> Any:
-    """Reader + decoder: uint8 HWC images (and, unless ``decode_only``, the label bytes as int16 padded with
-    ``LABEL_PAD``). Mirror and transpose are the compute device's (largefr.models.input)."""
+    """Reader + decoder: uint8 HWC images (and, unless ``decode_only``, each ``.cls`` payload's bytes as they
+    are: padding them in Python, :func:`largefr.data.labels.pad_label_rows`, costs less than DALI's per-sample
+    cast and pad operators on the CPU). Mirror and transpose are the compute device's (largefr.models.input)."""
     dali = import_dali()
     fn, types = dali.fn, dali.types
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
@@ -106,7 +107,7 @@ def build_pipeline(listing: Listing, *, batch_size: int, num_threads: int, devic
         if decode_only:
             pipe.set_outputs(images)
         else:
-            pipe.set_outputs(images, fn.pad(fn.cast(cls, dtype=types.INT16), fill_value=LABEL_PAD))
+            pipe.set_outputs(images, cls)
     pipe.build()
     return pipe
 
@@ -261,7 +262,7 @@ class DaliLoader(FaceLoader):
         else:
             hwc = torch.empty(shape, dtype=torch.uint8, device=c.device)
             feed_ndarray(dense, hwc, cuda_stream=torch.accelerator.current_stream(c.device))
-        labels = parse_label_batch(np.asarray(labels_out.as_tensor()), self.manifest.num_classes)
+        labels = parse_label_batch(pad_label_rows([np.asarray(t) for t in labels_out]), self.manifest.num_classes)
         return hwc.permute(0, 3, 1, 2), torch.from_numpy(labels).to(c.device)
 
     def _find_bad(self, plan: EpochPlan, reader: ShardReader, q: int, excluded: set[int],

@@ -9,6 +9,8 @@ tail that cut a number short must not turn into another class id. A well-formed 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 LABEL_WHITESPACE = b" \t\n\x0b\x0c\r"
@@ -40,6 +42,16 @@ def parse_label(raw: bytes, num_classes: int) -> int | None:
     if value >= num_classes:
         raise LabelOutOfRange(value, num_classes)
     return value
+
+
+def pad_label_rows(payloads: Sequence[np.ndarray]) -> np.ndarray:
+    """int16 [B, L] of B uint8 payloads (L the longest), each row filled past its end with ``LABEL_PAD``."""
+    lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
+    width = int(lengths.max(initial=0))
+    padded = np.full((len(payloads), width), LABEL_PAD, dtype=np.int16)
+    if width:
+        padded[np.arange(width) < lengths[:, None]] = np.concatenate([np.ravel(p) for p in payloads])  # row-major
+    return padded
 
 
 def parse_label_rows(raw: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
