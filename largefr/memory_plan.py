@@ -4,7 +4,8 @@ Head terms follow the head's own buffers (largefr.heads): the W slice and its op
 largest rank (in their storage dtypes; in host memory when ``storage="host"``), the sampled rows gathered for
 the GEMMs (in 16 bits when W is stored in the autocast dtype), their gradient, the logits buffer (bounded by
 ``chunk_rows``) and, under autocast of fp32 rows, their low-precision copy; with sub-centres (``margin``) S rows
-per class and the sub-centre scores, with CurricularFace the non-target slope. Backbone terms count parameters on
+per class and the sub-centre scores, with a non-target transform (CurricularFace, an inter-class filter) its
+slope. Backbone terms count parameters on
 the meta device (no memory), their gradients and optimizer state, and activations saved for backward,
 measured by running one 112x112 sample through the backbone with saved-tensor hooks.
 """
@@ -21,7 +22,7 @@ from typing import Literal
 import torch
 
 from largefr.heads.factored_grad import keeps_low_precision_factor
-from largefr.heads.margins import build_margin, transforms_nontargets
+from largefr.heads.margins import Margin, build_margin, transforms_nontargets
 from largefr.heads.row_grad import BLOCK_ROWS
 from largefr.heads.sampling import num_sampled, shard_range
 
@@ -29,7 +30,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Storage = Literal["device", "host"]
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,20 @@ class PlanInput:
     center_loss: bool = False  # a centre-loss term beside the head: fp32 class centres sharded like W, on the device
 
     @functools.cached_property
+    def margin_spec(self) -> Margin:
+        """The margin the head is built with (largefr.heads.margins.build_margin)."""
+        return build_margin(self.margin, **dict(self.margin_params))
+
+    @property
     def sub_centers(self) -> int:
         """W rows per class (sub-centre ArcFace's S; 1 otherwise)."""
-        return build_margin(self.margin, **dict(self.margin_params)).num_sub_centers
+        return self.margin_spec.num_sub_centers
 
-    @functools.cached_property
+    @property
     def nontarget_slope(self) -> bool:
-        """The margin transforms non-target logits (CurricularFace): an [n, K] fp32 slope buffer per chunk."""
-        return transforms_nontargets(build_margin(self.margin, **dict(self.margin_params)))
+        """The margin transforms non-target logits (CurricularFace, an inter-class filter): an [n, K] fp32 slope
+        buffer per chunk."""
+        return transforms_nontargets(self.margin_spec)
 
     @property
     def head_state_dtype(self) -> Precision:
@@ -95,7 +102,8 @@ class PlanInput:
                 raise ValueError(f"{name} must be fp32, bf16 or fp16, got {value!r}")
         if self.storage not in ("device", "host"):
             raise ValueError(f"storage must be 'device' or 'host', got {self.storage!r}")
-        self.sub_centers  # an unknown margin or bad parameters: build_margin's ValueError names them
+        object.__setattr__(self, "margin_params", tuple((str(k), v) for k, v in self.margin_params))  # hashable
+        self.margin_spec  # an unknown margin or bad parameters: build_margin's ValueError names them
 
 
 @dataclass
@@ -141,7 +149,7 @@ def head_workspace_bytes(inp: PlanInput, rank: int = 0) -> dict[str, int]:
         terms["head: gathered sampled rows"] = rows * d * DTYPE_BYTES[inp.rows_dtype]
     if chunk == n:
         pass  # the gradient stays factored: the logits (or scores) buffer x the embeddings
-    elif keeps_low_precision_factor(n, d, LOW_PRECISION.get(inp.precision)):
+    elif keeps_low_precision_factor(n, d, AUTOCAST_DTYPES.get(inp.precision)):
         terms["head: 16-bit gradient factor"] = n * rows * 2
     else:
         terms["head: sampled-row gradient"] = rows * d * 4

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=["device", "host"], default="device", help="where W and its state live")
     parser.add_argument("--chunk-rows", type=int, default=None)
     parser.add_argument("--margin", default="arcface",
-                        help="margin registry name: sub-centres (subcenter_arcface) and CurricularFace's slope add buffers")
+                        help="margin registry name: sub-centres (subcenter_arcface) and a non-target transform "
+                             "(curricularface, interclass_filter) add buffers")
     parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=parse_margin_param,
                         help="a margin parameter, e.g. --margin-param sub_centers=3 (repeatable)")
     parser.add_argument("--center-loss", action="store_true", help="a centre-loss term beside the head (fp32 centres)")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             template = input_from_args(args, max(args.world_size, 1))
             best = max_classes(template, args.device_memory, args.host_memory)
         except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+            raise SystemExit(f"largefr plan: {exc}") from None
         print(f"largest class count that fits {format_bytes(args.device_memory)} per rank on {args.world_size} ranks: {best:,}")
         args.num_classes = best
     if args.num_classes is None:

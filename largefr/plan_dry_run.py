@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from largefr.memory_plan import LOW_PRECISION, PlanInput, plan_memory
+from largefr.memory_plan import AUTOCAST_DTYPES, PlanInput, plan_memory
 from largefr.heads.sampling import num_sampled, shard_range
 
 # workspace slot -> planner term
@@ -100,16 +100,15 @@ def dry_run(inp: PlanInput, ranks: Sequence[int] | None = None) -> list[DryRun]:
 
 def _one_rank(inp: PlanInput, rank: int, group: dist.ProcessGroup) -> DryRun:
     from largefr import PartialFC
-    from largefr.heads.margins import build_margin
 
     head = PartialFC(
-        build_margin(inp.margin, **dict(inp.margin_params)), inp.embedding_size, inp.num_classes, inp.sample_rate, group, chunk_rows=inp.chunk_rows,
+        inp.margin_spec, inp.embedding_size, inp.num_classes, inp.sample_rate, group, chunk_rows=inp.chunk_rows,
         validate=False, weight_dtype=inp.weight_dtype, storage_device="meta" if inp.storage == "host" else None,
     )
     hyper: dict[str, Any] = dict(lr=0.1, momentum=0.9) if inp.head_optimizer == "sgd" else dict(lr=1e-3)
     head_opt = head.optimizer(inp.head_optimizer, state_dtype=inp.state_dtype, **hyper)
     backbone = _Backbone(inp) if inp.backbone else None
-    low = LOW_PRECISION.get(inp.precision)
+    low = AUTOCAST_DTYPES.get(inp.precision)
     with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
         embeddings = backbone.forward() if backbone else torch.randn(inp.batch_size, inp.embedding_size, requires_grad=True)
         labels = torch.randint(0, inp.num_classes, (inp.batch_size,))

@@ -146,6 +146,8 @@ def test_one_label_grammar_for_single_payloads_and_padded_batches():
     width = max(len(payload) for payload, _ in LABEL_CASES)
     assert padded.dtype == np.int16 and np.array_equal(padded, raw[:, :width])
     assert pad_label_rows([np.zeros(0, np.uint8)] * 3).shape == (3, 0)
+    with pytest.raises(ValueError, match="payload 1 must be uint8 bytes, got dtype int8"):
+        pad_label_rows([np.zeros(2, np.uint8), np.full(2, -1, np.int8)])
     values, ok = parse_label_rows(raw, 20)
     for i, (payload, expected) in enumerate(LABEL_CASES):
         assert parse_label(payload, 20) == expected, payload

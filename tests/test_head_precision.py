@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from largefr import PartialFC
+from largefr import PartialFC, margins
 from largefr.heads.stochastic_round import HostNoise, random_halves, round_stochastic, rounding_source
 from multirank import run_ranks
 from reference import ALL_MARGINS, reference_loss_and_grads
@@ -74,8 +74,11 @@ def test_rounding_into_caller_buffers_gives_the_same_bits() -> None:
     assert torch.equal(in_scratch.float(), expected) and torch.equal(round_stochastic(x, torch.bfloat16, None, fresh), in_scratch)
     with pytest.raises(ValueError, match="contiguous int32"):
         random_halves(x.numel(), x.device, HostNoise(7), out[:1])
-    with pytest.raises(ValueError, match="scratch must be int32"):
+    with pytest.raises(ValueError, match="scratch must be contiguous int32"):
         round_stochastic(x, torch.bfloat16, None, fresh, scratch[:2])
+    with pytest.raises(ValueError, match="contiguous: False"):
+        round_stochastic(x, torch.bfloat16, None, fresh, torch.empty(500, 3, dtype=torch.int32).t())
+    assert round_stochastic(x, torch.bfloat16, None, fresh).is_contiguous()
 
 
 def test_least_squares_stalls_with_round_to_nearest_but_tracks_fp32_with_stochastic_rounding() -> None:
@@ -284,3 +287,42 @@ def test_fp32_checkpoint_loads_into_a_bf16_head_and_back_and_says_so(tmp_path: P
         assert "head.weight: torch.float32 -> torch.bfloat16 (rounded to nearest)" in first
         assert "momentum_buffer: torch.float32 -> torch.bfloat16 (rounded to nearest)" in first
         assert "head.weight: torch.bfloat16 -> torch.float32 (exactly)" in second
+
+
+def _train_rows(weight_dtype: str, state_dtype: str, optimizer: str, storage: str, autocast: bool) -> list[torch.Tensor]:
+    """W and optimizer state after 3 steps over > 2 update blocks (2048 rows each, the last one partial)."""
+    head = PartialFC(margins.CosFace(scale=8.0), 16, 9000, 0.6, weight_dtype=weight_dtype, seed=4,
+                     storage_device="cpu" if storage == "host" else None)
+    hyper = dict(lr=0.5, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd" else dict(lr=1e-2)
+    opt = head.optimizer(optimizer, state_dtype=state_dtype, **hyper)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = head(torch.randn(64, 16, generator=gen), torch.randint(0, 9000, (64,), generator=gen))
+        loss.backward()
+        opt.step()
+    assert head.sampled_class_ids.numel() > 2 * 2048
+    return [head.weight.detach().clone(), *[t.clone() for t in opt.state[head.weight].values() if t.dim() > 0]]
+
+
+@pytest.mark.parametrize("weight_dtype, state_dtype, optimizer, storage, autocast", [
+    ("bf16", "bf16", "sgd", "device", False), ("bf16", "fp32", "adamw", "host", False),
+    ("fp32", "bf16", "sgd", "host", False), ("bf16", "bf16", "adamw", "device", True), ("fp16", "bf16", "sgd", "device", True),
+])
+def test_rounding_in_the_optimizers_block_buffers_equals_fresh_buffers(
+    monkeypatch: pytest.MonkeyPatch, weight_dtype: str, state_dtype: str, optimizer: str, storage: str, autocast: bool
+) -> None:
+    """The draw lands in the gradient buffer and the bf16 bits in scratch once the update has run: the same bits
+    as when both are fresh tensors, for W and every state, across several blocks."""
+    from largefr.heads import row_optim, weight_store
+
+    in_buffers = _train_rows(weight_dtype, state_dtype, optimizer, storage, autocast)
+    fresh_halves, fresh_round = row_optim.random_halves, weight_store.round_stochastic
+    monkeypatch.setattr(row_optim, "random_halves", lambda n, device, source, out=None: fresh_halves(n, device, source))
+    monkeypatch.setattr(weight_store, "round_stochastic",
+                        lambda values, dtype, source, halves=None, scratch=None: fresh_round(values, dtype, source, halves))
+    fresh = _train_rows(weight_dtype, state_dtype, optimizer, storage, autocast)
+    assert len(in_buffers) == len(fresh) >= 2
+    for got, want in zip(in_buffers, fresh):
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.int16) if got.element_size() == 2 else got,
+                                                       want.view(torch.int16) if want.element_size() == 2 else want)

@@ -42,12 +42,14 @@ def test_head_terms_match_allocations(
     assert sum(head_workspace_bytes(inp).values()) == head._workspace.nbytes()
 
 
+MARGIN_CASES = [(name, (("sub_centers", 3),) if name == "subcenter_arcface" else ()) for name in sorted(margins.MARGINS)]
+
+
 @pytest.mark.parametrize("chunk", [None, 3])
-@pytest.mark.parametrize("name", sorted(margins.MARGINS))
-def test_every_margins_buffers_are_planned(name: str, chunk: int | None) -> None:
-    """Sub-centres (scores, best sub-centre, S x the rows) and CurricularFace's slope, slot by slot."""
+@pytest.mark.parametrize("name, params", [*MARGIN_CASES, ("arcface", (("interclass_filter", 0.2),))])
+def test_every_margins_buffers_are_planned(name: str, params: tuple[tuple[str, float], ...], chunk: int | None) -> None:
+    """Sub-centres (scores, best sub-centre, S x the rows) and a non-target transform's slope, slot by slot."""
     num_classes, dim, batch, rate = 40, 8, 8, 0.5
-    params = (("sub_centers", 3),) if name == "subcenter_arcface" else ()
     inp = PlanInput(num_classes, dim, world_size=1, batch_size=batch, sample_rate=rate, precision="bf16",
                     chunk_rows=chunk, margin=name, margin_params=params)
     head = PartialFC(margins.build_margin(name, **dict(params)), dim, num_classes, rate, chunk_rows=chunk)
@@ -60,7 +62,7 @@ def test_every_margins_buffers_are_planned(name: str, chunk: int | None) -> None
     assert plan_memory(inp).terms["head: W slice"] == head.weight.nbytes
     assert sum(head_workspace_bytes(inp).values()) == head._workspace.nbytes()
     slots = head._workspace.slot_bytes()
-    assert ("nontarget_slope" in slots) == inp.nontarget_slope == (name == "curricularface")
+    assert ("nontarget_slope" in slots) == inp.nontarget_slope == (name == "curricularface" or bool(params and name == "arcface"))
     assert ("sub_scores" in slots) == (name == "subcenter_arcface")
 
 

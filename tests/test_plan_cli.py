@@ -34,6 +34,12 @@ def test_max_classes_prints_the_planners_boundary(capsys: pytest.CaptureFixture[
     assert best == max_classes(template, parse_bytes("16GiB")) and "head: non-target slope" in out
 
 
+def test_centre_loss_adds_its_centres(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--num-classes", "8000000", "--world-size", "8", "--center-loss"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"center loss: class centres\s+1\.907 GiB", out), out  # 1M x 512 x 4 B
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [(["--num-classes", "100", "--margin", "arcfcae"], "unknown margin 'arcfcae'"),

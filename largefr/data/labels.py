@@ -46,6 +46,9 @@ def parse_label(raw: bytes, num_classes: int) -> int | None:
 
 def pad_label_rows(payloads: Sequence[np.ndarray]) -> np.ndarray:
     """int16 [B, L] of B uint8 payloads (L the longest), each row filled past its end with ``LABEL_PAD``."""
+    for i, payload in enumerate(payloads):
+        if payload.dtype != np.uint8:  # a signed byte 0xFF would read as LABEL_PAD
+            raise ValueError(f"label payload {i} must be uint8 bytes, got dtype {payload.dtype}")
     lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
     width = int(lengths.max(initial=0))
     padded = np.full((len(payloads), width), LABEL_PAD, dtype=np.int16)

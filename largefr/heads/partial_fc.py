@@ -54,8 +54,9 @@ class PartialFC(nn.Module):
         process_group: the group W is sharded over and the batch is gathered over; None when the job
             is not distributed.
         seed: seeds W's initial value (identical global matrix for any world size) and the sampling.
-        chunk_rows: if set, at most this many batch rows of logits are held at once (the logits are
-            recomputed in backward; results are the same).
+        chunk_rows: if set, at most this many batch rows of fp32 logits are held at once (the logits are
+            recomputed in backward; results are the same); the W gradient's factor G [N, S*k] is then kept
+            whole in the GEMMs' 16-bit dtype when that is smaller than an fp32 [S*k, D] gradient (2N < 4D).
         validate: each step, check that every rank brings the same batch size (a tiny all-gather), and
             the label range and finiteness of the gathered batch (host syncs). Without it, unequal batch
             sizes fail inside the collective. Shape and dtype checks always run.

@@ -97,9 +97,9 @@ def round_stochastic(
     """``values`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16); fp32 is returned as is.
 
     ``halves``: this call's random integers (``random_halves`` of values.numel(), e.g. shared with other
-    tensors of the same shape); drawn from ``source`` when None. ``scratch``: an int32 tensor of values'
-    shape that bf16 rounding works in; the bf16 result is then a (strided) view of it, valid until
-    ``scratch`` is reused.
+    tensors of the same shape); drawn from ``source`` when None. ``scratch``: a contiguous int32 tensor of
+    values' shape that bf16 rounding works in; the bf16 result is then a (strided) view of it, valid until
+    ``scratch`` is reused (without it, a new contiguous tensor).
     """
     if values.dtype != torch.float32:
         raise TypeError(f"stochastic rounding reads fp32 values, got {values.dtype}")
@@ -122,13 +122,16 @@ def _round_bf16(values: torch.Tensor, halves: torch.Tensor, scratch: torch.Tenso
     bits = values.contiguous().view(torch.int32)
     # adding below the kept bits carries into the mantissa (or exponent) with probability = the dropped fraction
     if scratch is None:
-        rounded = torch.add(bits, halves)
-    elif scratch.dtype != torch.int32 or scratch.shape != bits.shape:
-        raise ValueError(f"scratch must be int32 of shape {tuple(bits.shape)}, got {scratch.dtype} {tuple(scratch.shape)}")
-    else:
-        rounded = torch.add(bits, halves, out=scratch)
-    high = rounded.view(torch.int16).unflatten(-1, (-1, 2))[..., _HIGH_HALF]  # the bf16 bit patterns
-    return high.view(torch.bfloat16)
+        return _high_halves(torch.add(bits, halves)).contiguous()  # not a view pinning twice the bytes
+    if scratch.dtype != torch.int32 or scratch.shape != bits.shape or not scratch.is_contiguous():
+        raise ValueError(f"scratch must be contiguous int32 of shape {tuple(bits.shape)}, got {scratch.dtype} "
+                         f"{tuple(scratch.shape)} (contiguous: {scratch.is_contiguous()})")
+    return _high_halves(torch.add(bits, halves, out=scratch))
+
+
+def _high_halves(rounded: torch.Tensor) -> torch.Tensor:
+    """The bf16 bit patterns of int32 ``rounded`` (its high 16 bits, low bits dropped), as a strided view."""
+    return rounded.view(torch.int16).unflatten(-1, (-1, 2))[..., _HIGH_HALF].view(torch.bfloat16)
 
 
 def _round_fp16(values: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
