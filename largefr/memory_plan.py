@@ -23,7 +23,7 @@ import torch
 
 from largefr.heads.factored_grad import keeps_low_precision_factor
 from largefr.heads.margins import Margin, build_margin, transforms_nontargets
-from largefr.heads.row_grad import BLOCK_ROWS
+from largefr.heads.row_grad import block_rows
 from largefr.heads.sampling import num_sampled, shard_range
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -52,6 +52,7 @@ class PlanInput:
     margin: str = "arcface"  # largefr.heads.margins registry name: sub-centres and a non-target slope add buffers
     margin_params: tuple[tuple[str, float], ...] = ()
     center_loss: bool = False  # a centre-loss term beside the head: fp32 class centres sharded like W, on the device
+    compute_device: str = "cuda"  # "cuda" or "cpu": sizes the row blocks (largefr.heads.row_grad.block_rows)
 
     @functools.cached_property
     def margin_spec(self) -> Margin:
@@ -102,6 +103,8 @@ class PlanInput:
                 raise ValueError(f"{name} must be fp32, bf16 or fp16, got {value!r}")
         if self.storage not in ("device", "host"):
             raise ValueError(f"storage must be 'device' or 'host', got {self.storage!r}")
+        if self.compute_device not in ("cuda", "cpu"):
+            raise ValueError(f"compute_device must be 'cuda' or 'cpu', got {self.compute_device!r}")
         object.__setattr__(self, "margin_params", tuple((str(k), v) for k, v in self.margin_params))  # hashable
         self.margin_spec  # an unknown margin or bad parameters: build_margin's ValueError names them
 
@@ -169,7 +172,8 @@ def plan_memory(inp: PlanInput, rank: int = 0) -> MemoryPlan:
     if inp.center_loss:  # largefr.heads.center.ShardedCenterLoss: one fp32 centre per class of the slice
         plan.terms["center loss: class centres"] = _slice_rows(inp, rank) * d * 4
     # allocated once at full block size (rows, gradient, scratch, one per state), whatever the sample size
-    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * BLOCK_ROWS * d * 4
+    block = block_rows(torch.device(inp.compute_device))
+    plan.terms["head: optimizer block buffers"] = (OPTIMIZER_STATES[inp.head_optimizer] + 3) * block * d * 4
     if inp.backbone:
         _add_backbone(plan, inp)
     else:

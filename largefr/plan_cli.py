@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(curricularface, interclass_filter) add buffers")
     parser.add_argument("--margin-param", action="append", default=[], metavar="K=V", type=parse_margin_param,
                         help="a margin parameter, e.g. --margin-param sub_centers=3 (repeatable)")
+    parser.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda",
+                        help="where the step runs: sizes the head's row blocks (default cuda)")
     parser.add_argument("--center-loss", action="store_true", help="a centre-loss term beside the head (fp32 centres)")
     parser.add_argument("--backbone", default=None, help="e.g. iresnet100 (adds parameters and activations)")
     parser.add_argument("--max-classes", action="store_true", help="print the largest class count that fits --device-memory")
@@ -45,6 +47,7 @@ def input_from_args(args: argparse.Namespace, num_classes: int) -> PlanInput:
         args.head_optimizer, args.precision, args.chunk_rows, args.backbone, args.backbone_optimizer,
         weight_dtype=args.weight_dtype, state_dtype=args.state_dtype, storage=args.storage,
         margin=args.margin, margin_params=tuple(args.margin_param), center_loss=args.center_loss,
+        compute_device=args.compute_device,
     )
 
 

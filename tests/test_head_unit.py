@@ -143,14 +143,14 @@ def _check_one_step_against_dense(name: str, hyper: dict, dense_cls: type, dense
 
 @pytest.mark.parametrize("block_rows", [2048, 4])
 def test_sgd_row_update_equals_dense_sgd_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(row_optim, "block_rows", lambda device: block_rows)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
     _check_one_step_against_dense("sgd", hyper, torch.optim.SGD, hyper)
 
 
 @pytest.mark.parametrize("block_rows", [2048, 4])
 def test_adamw_row_update_equals_dense_adamw_on_sampled_rows(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(row_optim, "UPDATE_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(row_optim, "block_rows", lambda device: block_rows)
     hyper = dict(lr=1e-2, weight_decay=0.05)
     _check_one_step_against_dense("adamw", hyper, torch.optim.AdamW, hyper)
 
@@ -361,3 +361,33 @@ def test_eval_mode_does_not_shift_the_training_draws() -> None:
     for head in heads:
         head(x, labels)
     assert torch.equal(heads[0].sampled_class_ids, heads[1].sampled_class_ids)
+
+
+def test_row_blocks_follow_the_device_and_do_not_change_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache-sized blocks on the CPU, large ones on an accelerator (and the meta device of dry runs); the block
+    size changes how the rows are gathered, graded and updated, not the result (beyond fp32 rounding)."""
+    from largefr.heads import partial_fc, row_grad
+    from largefr.memory_plan import PlanInput, plan_memory
+
+    assert row_grad.block_rows(torch.device("cpu")) == row_grad.BLOCK_ROWS == 2048
+    assert row_grad.block_rows(torch.device("meta")) == row_grad.ACCELERATOR_BLOCK_ROWS == 32768
+    planned = {dev: plan_memory(PlanInput(1000, 64, world_size=1, compute_device=dev)).terms["head: optimizer block buffers"]
+               for dev in ("cpu", "cuda")}
+    assert planned == {"cpu": 4 * 2048 * 64 * 4, "cuda": 4 * 32768 * 64 * 4}
+
+    def train(block: int | None) -> torch.Tensor:
+        if block is not None:
+            for module in (partial_fc, row_grad, row_optim):
+                monkeypatch.setattr(module, "block_rows", lambda device: block)
+        head = PartialFC(margins.ArcFace(), DIM, 50, 0.5, seed=2)
+        opt = head.optimizer("sgd", lr=0.1, momentum=0.9)
+        for step in range(3):
+            x, labels = make_batch(6, 50, seed=step)
+            head(x, labels).backward()
+            if step == 2:
+                head.row_grad().materialize(head.weight.detach())  # the materialised form, in blocks too
+            opt.step()
+        return head.weight.detach().clone()
+
+    # a block's G^T x is a GEMM whose kernel (hence summation order) BLAS picks by its row count: equal to rounding
+    torch.testing.assert_close(train(None), train(3), rtol=1e-5, atol=1e-6)

@@ -128,9 +128,11 @@ def planned_bytes(cfg: HeadBenchConfig) -> int:
     """The memory planner's per-rank bytes for this head (W slice, optimizer state, step buffers)."""
     from largefr.memory_plan import PlanInput, plan_memory
 
+    from largefr.distributed.env import compute_device_type
+
     return plan_memory(PlanInput(cfg.num_classes, cfg.embedding_size, cfg.world_size, cfg.batch_size,
                                  cfg.sample_rate, cfg.optimizer, cfg.dtype, cfg.chunk_rows, margin=cfg.margin,
-                                 margin_params=cfg.margin_params)).total
+                                 margin_params=cfg.margin_params, compute_device=compute_device_type())).total
 
 
 def _bench_extra_bytes(cfg: HeadBenchConfig) -> int:

@@ -121,11 +121,12 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
 
 def planned_bytes(point: ScalePoint) -> tuple[int, int]:
     """The planner's (device, host) bytes per rank for the point's head (no backbone)."""
+    from largefr.distributed.env import compute_device_type
     from largefr.memory_plan import PlanInput, plan_memory
 
     plan = plan_memory(PlanInput(
         point.num_classes, point.embedding_size, point.world_size, point.batch_size, point.sample_rate,
-        weight_dtype=point.weight_dtype, storage=point.storage,  # type: ignore[arg-type]
+        weight_dtype=point.weight_dtype, storage=point.storage, compute_device=compute_device_type(),  # type: ignore[arg-type]
     ))
     return plan.total, plan.host_total
 

@@ -35,9 +35,14 @@ class DistContext:
         return self.rank == 0
 
 
+def compute_device_type() -> str:
+    """'cuda' when CUDA is usable (the job then computes there), else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def choose_backend_and_device(local_rank: int) -> tuple[str, torch.device]:
     """nccl + cuda:local_rank when CUDA is usable, otherwise gloo + cpu."""
-    if torch.cuda.is_available():
+    if compute_device_type() == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible"

@@ -32,7 +32,7 @@ from largefr.heads.margin_runtime import (
     sample_regularizer_loss,
     state_buffers,
 )
-from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad, merge_row_grads
+from largefr.heads.row_grad import SparseRowGrad, block_rows, merge_row_grads
 from largefr.heads.row_optim import build_row_optimizer
 from largefr.heads.row_selection import RowGatherer, RowSelection
 from largefr.heads.sharded_softmax import ShardedMarginSoftmaxCE, ShardedSoftmaxSpec, compute_rows_dtype, gemm_dtype
@@ -228,11 +228,12 @@ class PartialFC(nn.Module):
     def _gather_rows(self, weight: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, inv_norm: torch.Tensor | None) -> None:
         """W rows ``ids`` into ``rows`` (fp32, or W's 16-bit dtype when the GEMMs run in it: compute_rows_dtype)
         and their 1/||row||, in blocks so each block's norms are taken while it is still in cache."""
-        for a in range(0, ids.numel(), BLOCK_ROWS):
-            block = rows[a : a + BLOCK_ROWS]
-            self.store.read_rows(weight, ids, a, a + BLOCK_ROWS, block)
+        step = block_rows(rows.device)
+        for a in range(0, ids.numel(), step):
+            block = rows[a : a + step]
+            self.store.read_rows(weight, ids, a, a + step, block)
             if inv_norm is not None:
-                torch.linalg.vector_norm(block, dim=1, dtype=torch.float32, out=inv_norm[a : a + BLOCK_ROWS])
+                torch.linalg.vector_norm(block, dim=1, dtype=torch.float32, out=inv_norm[a : a + step])
         if inv_norm is not None:
             inv_norm.clamp_min_(1e-12).reciprocal_()
 

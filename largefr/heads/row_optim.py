@@ -28,12 +28,10 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from largefr.seeding import derive_seed
-from largefr.heads.row_grad import BLOCK_ROWS, SparseRowGrad
+from largefr.heads.row_grad import SparseRowGrad, block_rows
 from largefr.heads.stochastic_round import NoiseSource, random_halves, rounding_source
 from largefr.heads.weight_store import WeightStore, resolve_dtype
 
-
-UPDATE_BLOCK_ROWS = BLOCK_ROWS
 
 
 @runtime_checkable
@@ -129,8 +127,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight.shape[1], device)
         low_precision = any(t.dtype != torch.float32 for t in (weight, *buffers))
         rounding = self._rounding_source(device) if low_precision else None
-        for a in range(0, row_grad.num_rows, UPDATE_BLOCK_ROWS):
-            b = min(a + UPDATE_BLOCK_ROWS, row_grad.num_rows)
+        step = block_rows(device)
+        for a in range(0, row_grad.num_rows, step):
+            b = min(a + step, row_grad.num_rows)
             if row_grad.rows is not None and row_grad.rows.dtype == torch.float32:  # gathered in the forward
                 rows, in_place = row_grad.rows[a:b], False
             elif row_grad.rows is not None:  # gathered in 16 bits for the GEMMs: the update runs in fp32
@@ -158,7 +157,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
 
     def _block_buffers(self, count: int, dim: int, device: torch.device) -> list[torch.Tensor]:
         """fp32 block buffers on the compute device (rows, gradient, scratch, one per state)."""
-        shape = (UPDATE_BLOCK_ROWS, dim)
+        shape = (block_rows(device), dim)
         cached = getattr(self, "_blocks", [])
         if len(cached) != count or cached[0].shape != shape or cached[0].device != device:
             self._blocks = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(count)]
