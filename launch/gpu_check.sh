@@ -5,9 +5,10 @@
 #
 #     bash launch/gpu_check.sh [OUT_DIR]        # default gpu_check_out/; PYTHON=python3 unless set
 #
-# Parts (each under its own timeout; a failing part does not stop the others; at most ~7.5 minutes):
-#   tests        pytest -m cuda (tests/test_cuda_*.py; 90 s per test at most)              170 s
-#   bench_head   largefr bench head on the GPU: C = 1M, 8M, 32M; r = 0.1, 1; bf16, fp16     100 s
+# Parts (each under its own timeout; a failing part does not stop the others; at most ~7.7 minutes):
+#   tests        pytest -m cuda (tests/test_cuda_*.py; 90 s per test at most)              150 s
+#   bench_head   largefr bench head on the GPU: C = 1M, 8M, 32M; r = 0.1, 1; bf16, fp16;
+#                W + momentum in fp32 and bf16                                             130 s
 #   synth        the CPU demo's synthetic identities (800 x 12, 600 verification pairs)      30 s
 #   train_fp16   300 steps of the demo recipe on the GPU, batch 128, fp16 + loss scaler      60 s
 #   train_bf16   the same in bf16                                                            60 s
@@ -55,10 +56,10 @@ train_sets=(--set "data.path=$data" --set data.loader=torch --set data.num_worke
             --set train.eval_every=300 --set "train.eval_bins=[verification.bin]" --set checkpoint.every_steps=300
             --set logging.console=false)
 
-run_part tests junit 170 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --timeout=90 --junitxml="$out/tests.xml" \
+run_part tests junit 150 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider --timeout=90 --junitxml="$out/tests.xml" \
   tests/test_cuda_*.py
-run_part bench_head jsonl 100 "$py" -m largefr bench head --num-classes 1000000 8000000 32000000 \
-  --sample-rate 0.1 1 --dtype bf16 fp16 --world-size 1 --steps 10 --warmup 3 --json
+run_part bench_head jsonl 130 "$py" -m largefr bench head --num-classes 1000000 8000000 32000000 \
+  --weight-dtype fp32 bf16 --sample-rate 0.1 1 --dtype bf16 fp16 --world-size 1 --steps 10 --warmup 3 --json
 rm -rf "$data"
 run_part synth plain 30 "$py" -m largefr synth --out "$data" --identities 800 --per-identity 12 --holdout 100 \
   --pairs 600 --workers 8 --no-progress

@@ -39,6 +39,11 @@ def junit(out: Path, part: str) -> tuple[dict[str, Any], str]:
     return {**counts, "passed": passed, "cases": cases}, line
 
 
+def _storage(r: dict[str, Any]) -> str:
+    """' W bf16' for a 16-bit W row of `largefr bench head` (fp32, and rows of other benches: nothing)."""
+    return f" W {r['weight_dtype']}" if r.get("weight_dtype", "fp32") != "fp32" else ""
+
+
 def jsonl(out: Path, part: str) -> tuple[dict[str, Any], str]:
     rows = []
     for text in (out / f"{part}.log").read_text(errors="replace").splitlines():
@@ -50,10 +55,10 @@ def jsonl(out: Path, part: str) -> tuple[dict[str, Any], str]:
     lines = []
     for r in rows:
         if "skipped" in r:
-            lines.append(f"C={r['num_classes']:,} r={r['sample_rate']} {r['dtype']}: skipped")
+            lines.append(f"C={r['num_classes']:,} r={r['sample_rate']} {r['dtype']}{_storage(r)}: skipped")
         elif "step_ms" in r:
             memory = f" mem {r['max_memory_allocated_mb']:.0f}/{r['planned_mb']:.0f} MB" if "max_memory_allocated_mb" in r else ""
-            lines.append(f"C={r['num_classes']:,} r={r['sample_rate']} {r['dtype']}: step {r['step_ms']:.2f} ms "
+            lines.append(f"C={r['num_classes']:,} r={r['sample_rate']} {r['dtype']}{_storage(r)}: step {r['step_ms']:.2f} ms "
                          f"floor {r['floor_ms']:.2f} ms x{r['step_over_floor']:.2f}{memory}")
         elif "loader_over_memory" in r:
             lines.append(f"{r['loader_images_per_s']:.0f} img/s with the loader, {r['memory_images_per_s']:.0f} from "

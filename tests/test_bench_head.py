@@ -23,14 +23,17 @@ def test_row_traffic_moves_rows_without_changing_them(ids):
 
 
 @pytest.mark.slow
-def test_bench_head_json_has_both_ratios(capsys):
+def test_bench_head_json_has_both_ratios_for_each_storage_dtype(capsys):
     code = cli_main(["bench", "head", "--num-classes", "3000", "--embedding-size", "32", "--batch-size", "16",
-                     "--sample-rate", "0.5", "--world-size", "2", "--steps", "2", "--warmup", "1", "--json"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and result["num_classes"] == 3000 and result["sampled_rows_per_rank"] >= 750
-    assert result["step_ms"] > 0 and result["floor_ms"] > 0 and result["row_traffic_ms"] > 0
-    assert 0 < result["step_over_floor_plus_traffic"] < result["step_over_floor"]
-    assert result["slice_plus_state_mb"] == pytest.approx(2 * 1500 * 32 * 4 / 2**20)
+                     "--sample-rate", "0.5", "--world-size", "2", "--steps", "2", "--warmup", "1",
+                     "--weight-dtype", "fp32", "bf16", "--json"])
+    results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert code == 0 and [r["weight_dtype"] for r in results] == ["fp32", "bf16"]
+    for result, size in zip(results, (4, 2)):
+        assert result["num_classes"] == 3000 and result["sampled_rows_per_rank"] >= 750
+        assert result["step_ms"] > 0 and result["floor_ms"] > 0 and result["row_traffic_ms"] > 0
+        assert 0 < result["step_over_floor_plus_traffic"] < result["step_over_floor"]
+        assert result["slice_plus_state_mb"] == pytest.approx(2 * 1500 * 32 * size / 2**20)
 
 
 @pytest.mark.slow

@@ -43,11 +43,13 @@ def test_reporter_reads_junit_json_lines_and_training_metrics(tmp_path):
 
     rows = [{"num_classes": 10**6, "sample_rate": 0.1, "dtype": "bf16", "step_ms": 2.5, "floor_ms": 1.0,
              "step_over_floor": 2.5, "max_memory_allocated_mb": 4000.0, "planned_mb": 4100.0},
-            {"num_classes": 32 * 10**6, "sample_rate": 1.0, "dtype": "fp16", "skipped": "does not fit"}]
+            {"num_classes": 32 * 10**6, "sample_rate": 1.0, "dtype": "fp16", "skipped": "does not fit"},
+            {"num_classes": 32 * 10**6, "sample_rate": 1.0, "dtype": "fp16", "weight_dtype": "bf16", "skipped": "no"}]
     (tmp_path / "bench_head.log").write_text("noise\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
     data, line = report(tmp_path, "bench_head", "jsonl", rc=124)
     assert data["status"] == "TIMEOUT" and data["results"] == rows
     assert "step 2.50 ms floor 1.00 ms x2.50 mem 4000/4100 MB" in line and "C=32,000,000 r=1.0 fp16: skipped" in line
+    assert "C=32,000,000 r=1.0 fp16 W bf16: skipped" in line
 
     (tmp_path / "train_fp16").mkdir()
     records = [{"step": 25, "loss": 9.0, "images_per_s": 100.0}, {"step": 50, "loss": 7.0, "images_per_s": 900.0},

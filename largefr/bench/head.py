@@ -56,6 +56,7 @@ class HeadBenchConfig:
     chunk_rows: int | None = None
     margin: str = "arcface"
     margin_params: tuple[tuple[str, float], ...] = ()
+    weight_dtype: str = "fp32"  # storage of W and of its optimizer state (16 bits: stochastic rounding)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def planned_bytes(cfg: HeadBenchConfig) -> int:
 
     return plan_memory(PlanInput(cfg.num_classes, cfg.embedding_size, cfg.world_size, cfg.batch_size,
                                  cfg.sample_rate, cfg.optimizer, cfg.dtype, cfg.chunk_rows, margin=cfg.margin,
-                                 margin_params=cfg.margin_params, compute_device=compute_device_type())).total
+                                 margin_params=cfg.margin_params, compute_device=compute_device_type(),
+                                 weight_dtype=cfg.weight_dtype)).total  # type: ignore[arg-type]
 
 
 def _bench_extra_bytes(cfg: HeadBenchConfig) -> int:
@@ -142,7 +144,8 @@ def _bench_extra_bytes(cfg: HeadBenchConfig) -> int:
     k = sampled_rows(PlanInput(cfg.num_classes, cfg.embedding_size, cfg.world_size, cfg.batch_size, cfg.sample_rate))
     n, d = cfg.batch_size * cfg.world_size, cfg.embedding_size
     size = 4 if DTYPES[cfg.dtype] is None else 2
-    moved = (1 + OPTIMIZER_STATES[cfg.optimizer]) * k * d * 4 if cfg.sample_rate < 1.0 else 0
+    stored = 4 if cfg.weight_dtype == "fp32" else 2
+    moved = (1 + OPTIMIZER_STATES[cfg.optimizer]) * k * d * stored if cfg.sample_rate < 1.0 else 0
     return (2 * n * k + 2 * k * d + 2 * n * d) * size + moved
 
 
@@ -170,7 +173,8 @@ class _Heads:
 
     @staticmethod
     def _key(cfg: HeadBenchConfig) -> tuple[Any, ...]:
-        return cfg.num_classes, cfg.embedding_size, cfg.chunk_rows, cfg.optimizer, cfg.margin, cfg.margin_params
+        return (cfg.num_classes, cfg.embedding_size, cfg.chunk_rows, cfg.optimizer, cfg.margin, cfg.margin_params,
+                cfg.weight_dtype)
 
     def held_bytes(self, cfg: HeadBenchConfig) -> int:
         if self.head is None or self._key(cfg) != self.key:
@@ -194,7 +198,7 @@ class _Heads:
             self.head = PartialFC(
                 build_margin(cfg.margin, **dict(cfg.margin_params)), cfg.embedding_size, cfg.num_classes,
                 cfg.sample_rate, self.ctx.group,
-                seed=0, chunk_rows=cfg.chunk_rows, validate=False,
+                seed=0, chunk_rows=cfg.chunk_rows, validate=False, weight_dtype=cfg.weight_dtype,
             ).to(self.ctx.device)
             hyper = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
             self.opt = self.head.optimizer(cfg.optimizer, lr=0.1, weight_decay=5e-4, **hyper)
@@ -326,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp32"],
                         help="autocast dtype(s) of the step (fp32: none)")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--weight-dtype", choices=sorted(DTYPES), nargs="+", default=["fp32"],
+                        help="storage of W and its optimizer state (16 bits: stochastically rounded updates)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-rows", type=int, default=None)
@@ -338,8 +344,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfgs = [
         HeadBenchConfig(num_classes, args.embedding_size, args.batch_size, rate, args.world_size, dtype,
-                        args.optimizer, args.warmup, args.steps, args.chunk_rows, args.margin, tuple(args.margin_param))
-        for num_classes in args.num_classes for rate in args.sample_rate for dtype in args.dtype
+                        args.optimizer, args.warmup, args.steps, args.chunk_rows, args.margin, tuple(args.margin_param),
+                        weight_dtype)
+        for num_classes in args.num_classes for weight_dtype in args.weight_dtype  # one head per (C, W dtype)
+        for rate in args.sample_rate for dtype in args.dtype
     ]
     for result in run_head_benches(cfgs):
         print(json.dumps(result) if args.json else _format(result), flush=True)
@@ -348,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _format(r: dict[str, Any]) -> str:
     name = (f"{r['margin']} C={r['num_classes']:,} r={r['sample_rate']} N={r['world_size']} B={r['batch_size']} "
-            f"D={r['embedding_size']} {r['dtype']} {r['optimizer']}")
+            f"D={r['embedding_size']} {r['dtype']} {r['optimizer']} W {r['weight_dtype']}")
     if "skipped" in r:
         return f"{name}: skipped, {r['skipped']}"
     if "max_memory_allocated_mb" in r:
