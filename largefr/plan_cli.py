@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from largefr.heads.margins import parse_margin_param
 from largefr.memory_plan import (
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             best = max_classes(template, args.device_memory, args.host_memory)
         except ValueError as exc:
             raise SystemExit(f"largefr plan: {exc}") from None
-        print(f"largest class count that fits {format_bytes(args.device_memory)} per rank on {args.world_size} ranks: {best:,}")
+        print(f"largest class count that fits {format_bytes(args.device_memory)} per rank on {args.world_size} ranks: {best:,}"
+              f" ({binding_limit(template, best, args.device_memory, args.host_memory)})")
         args.num_classes = best
     if args.num_classes is None:
         raise SystemExit("give --num-classes, or --max-classes with --device-memory")
@@ -75,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a layout that cannot exist (e.g. fewer classes than ranks)
         raise SystemExit(f"largefr plan: {exc}") from None
     return 0
+
+
+def binding_limit(template: PlanInput, best: int, device_bytes: int, host_bytes: int | None) -> str:
+    """Which memory one more class would overflow (device, host or both), with the plan's bytes there."""
+    over = plan_memory(dataclasses.replace(template, num_classes=best + 1))
+    limits = [f"device memory ({over.total - device_bytes:,} B over)"] if over.total > device_bytes else []
+    if host_bytes is not None and over.host_total > host_bytes:
+        limits.append(f"host memory ({over.host_total - host_bytes:,} B over)")
+    return "bound by " + " and ".join(limits) + f" at {best + 1:,} classes"
 
 
 def print_plan(inp: PlanInput, plan: MemoryPlan) -> None:

@@ -32,6 +32,13 @@ def test_max_classes_prints_the_planners_boundary(capsys: pytest.CaptureFixture[
     template = PlanInput(8, world_size=8, batch_size=64, sample_rate=0.1, precision="fp16", weight_dtype="fp16",
                          margin="curricularface")
     assert best == max_classes(template, parse_bytes("16GiB")) and "head: non-target slope" in out
+    assert re.search(rf"\(bound by device memory \([0-9,]+ B over\) at {best + 1:,} classes\)", out)
+
+
+def test_max_classes_says_when_host_memory_binds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--max-classes", "--device-memory", "32GiB", "--host-memory", "1GiB", "--world-size", "8",
+                 "--sample-rate", "0.1", "--storage", "host", "--weight-dtype", "bf16"]) == 0
+    assert re.search(r"ranks: ([0-9,]+) \(bound by host memory \([0-9,]+ B over\)", capsys.readouterr().out)
 
 
 def test_centre_loss_adds_its_centres(capsys: pytest.CaptureFixture[str]) -> None:
