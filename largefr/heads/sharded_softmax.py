@@ -28,9 +28,10 @@ folded into the buffer's (zeroed) target entry, b_i into a per-row vector.
 
 The W-rows gradient does not enter autograd: it is handed to ``spec.grad_sink`` in factored form
 (largefr.heads.factored_grad.FactoredWeightGrad), so no dense slice-sized gradient is ever accumulated by
-autograd and the optimizer can form it block by block while the rows are in cache. With the logits in chunks, G
-is kept in the GEMMs' 16-bit dtype when that is smaller than a summed [S*K, D] fp32 gradient (2N < 4D). The saved state is a
-:class:`largefr.heads.softmax_state.SavedSoftmax` (its module docstring maps these symbols to names).
+autograd and the optimizer can form it block by block while the rows are in cache. With the logits in
+chunks, G is kept in the GEMMs' 16-bit dtype when that is smaller than a summed [S*K, D] fp32 gradient
+(2N < 4D). The saved state is a :class:`largefr.heads.softmax_state.SavedSoftmax` (its module docstring
+maps these symbols to names).
 """
 from __future__ import annotations
 
