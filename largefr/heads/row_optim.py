@@ -33,7 +33,6 @@ from largefr.heads.stochastic_round import NoiseSource, random_halves, rounding_
 from largefr.heads.weight_store import WeightStore, resolve_dtype
 
 
-
 @runtime_checkable
 class RowGradSource(Protocol):
     """What a row-sparse optimizer steps (e.g. PartialFC): a weight matrix and its pending row gradient, where
