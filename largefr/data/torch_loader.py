@@ -4,7 +4,9 @@ Workers decode *chunks* of consecutive rank positions (chunk c goes to worker c 
 DataLoader returns them in order); this process drops corrupt samples, cuts the valid ones into full
 batches and moves them to the target device as they were decoded: uint8 HWC memory, handed as a
 [B, 3, H, W] view, with the plan's mirror flags (a quarter of the bytes of float32 between processes and
-over PCIe; the training step mirrors and normalises).
+over PCIe; the training step mirrors and normalises). Workers decode into a ring of shared-memory slots
+that this process reuses once a batch's last view is gone (largefr.data.shm_ring), so a chunk crosses
+processes as a slot index, not as a copy in a new shared-memory segment.
 """
 from __future__ import annotations
 
@@ -22,28 +24,32 @@ from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader, decode_image
+from largefr.data.shm_ring import SlotRing
 
 log = logging.getLogger("largefr.data")
 
 
 class Chunk(NamedTuple):
-    images: torch.Tensor  # uint8 [n, H, W, 3] (empty in decode-only mode)
-    labels: torch.Tensor  # int64 [n]
-    mirror: torch.Tensor  # bool [n]: the plan's flip of each valid sample
-    positions: torch.Tensor  # int64 [n], rank positions of the valid samples
+    images: torch.Tensor  # uint8 [n, H, W, 3] (empty in decode-only mode, or when decoded into a ring slot)
+    # numpy, not torch: a small tensor would cross processes in a shared-memory segment of its own (a file
+    # descriptor sent, mapped and unmapped: ~1 ms each on both sides), an array is pickled inline
+    labels: np.ndarray  # int64 [n]
+    mirror: np.ndarray  # bool [n]: the plan's flip of each valid sample
+    positions: np.ndarray  # int64 [n], rank positions of the valid samples
     bad: list[tuple[int, str, str]]  # (position, sample, reason) of skipped samples
     decoded: int
+    slot: int = -1  # the ring slot holding the images, or -1 (they are in ``images``)
 
 
 class ChunkStream(IterableDataset):
     """Rank positions [start, limit) in chunks of ``chunk`` samples, split over DataLoader workers."""
 
     def __init__(self, manifest: Manifest, plan: EpochPlan, start: int, limit: int, chunk: int,
-                 flip: bool, decode_only: bool = False) -> None:
+                 flip: bool, decode_only: bool = False, ring: SlotRing | None = None) -> None:
         super().__init__()
         self.manifest, self.plan = manifest, plan
         self.start, self.limit, self.chunk = start, limit, chunk
-        self.flip, self.decode_only = flip, decode_only
+        self.flip, self.decode_only, self.ring = flip, decode_only, ring
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -53,15 +59,16 @@ class ChunkStream(IterableDataset):
             c = worker
             while self.start + c * self.chunk < self.limit:
                 q0 = self.start + c * self.chunk
-                yield self._chunk(reader, q0, min(q0 + self.chunk, self.limit))
+                yield self._chunk(reader, q0, min(q0 + self.chunk, self.limit), c)
                 c += workers
         finally:
             reader.close()
 
-    def _chunk(self, reader: ShardReader, q0: int, q1: int) -> Chunk:
+    def _chunk(self, reader: ShardReader, q0: int, q1: int, number: int) -> Chunk:
         h, w = self.manifest.image_size
         keep = 0 if self.decode_only else q1 - q0
-        images = np.empty((keep, h, w, 3), dtype=np.uint8)
+        claimed = self.ring.claim(number) if keep and self.ring is not None else None
+        slot, images = claimed if claimed is not None else (-1, np.empty((keep, h, w, 3), dtype=np.uint8))
         flips = self.plan.flips(np.arange(q0, q1)) if self.flip else np.zeros(q1 - q0, dtype=bool)
         labels = np.empty(q1 - q0, dtype=np.int64)
         mirror = np.empty(q1 - q0, dtype=bool)
@@ -85,8 +92,8 @@ class ChunkStream(IterableDataset):
                     images[n] = array
                 labels[n], positions[n], mirror[n] = label, seg.start + i, flips[seg.start + i - q0]
                 n += 1
-        return Chunk(torch.from_numpy(images[: min(n, keep)]), torch.from_numpy(labels[:n]),
-                     torch.from_numpy(mirror[:n]), torch.from_numpy(positions[:n]), bad, n)
+        kept = torch.from_numpy(images[: min(n, keep) if slot < 0 else 0])
+        return Chunk(kept, labels[:n], mirror[:n], positions[:n], bad, n, slot)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -98,6 +105,10 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _as_is(chunk: Chunk) -> Chunk:
+    return chunk
+
+
 def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: bool) -> DataLoader:
     return DataLoader(
         stream,
@@ -105,6 +116,7 @@ def make_dataloader(stream: ChunkStream, num_workers: int, prefetch: int, pin: b
         num_workers=num_workers,
         prefetch_factor=prefetch if num_workers else None,
         pin_memory=pin,
+        collate_fn=_as_is,  # the default converts numpy arrays to tensors in the worker (see Chunk)
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals if num_workers else None,
     )
@@ -115,27 +127,51 @@ class TorchLoader(FaceLoader):
     """See :class:`largefr.data.loader.FaceLoader`; ``config.num_threads`` DataLoader workers."""
 
     kind = "torch"
+    _idle_ring: SlotRing | None = None  # the ring of the last iteration, once its workers have stopped
+
+    def _ring(self) -> SlotRing:
+        """A slot ring no running worker writes to: the idle one (its stopped workers' claims freed) or a new one."""
+        c, (h, w) = self.config, self.manifest.image_size
+        ring, self._idle_ring = self._idle_ring, None
+        if ring is None:
+            workers = max(1, c.num_threads)
+            # every chunk in flight (prefetch per worker), the batch the step holds and the one being cut
+            ring = SlotRing(workers * (c.prefetch + 2), (c.batch_size, h, w, 3), workers)
+        else:
+            ring.reclaim()
+        return ring
 
     def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
         c = self.config
         limit = position + (plan.steps - step) * c.batch_size + plan.block_size
-        stream = ChunkStream(self.manifest, plan, position, limit, c.batch_size, c.flip)
-        loader = make_dataloader(stream, c.num_threads, c.prefetch, pin=c.device.type != "cpu")
+        ring = self._ring()
+        stream = ChunkStream(self.manifest, plan, position, limit, c.batch_size, c.flip, ring=ring)
+        chunks = iter(make_dataloader(stream, c.num_threads, c.prefetch, pin=c.device.type != "cpu"))
+        try:
+            yield from self._cut(chunks, ring, plan)
+        except GeneratorExit:  # closed by the consumer: no traceback keeps the workers alive
+            del chunks  # the DataLoader iterator stops and joins its workers when collected
+            self._idle_ring = ring
+            raise
+
+    def _cut(self, chunks: Iterator[Chunk], ring: SlotRing, plan: EpochPlan) -> Iterator[Batch]:
+        """Full batches cut from the decoded chunks (corrupt samples dropped), moved to the device."""
+        c = self.config
         images: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         mirror: list[torch.Tensor] = []
         ends: list[torch.Tensor] = []
         bad_positions: deque[int] = deque()
         have, corrupt = 0, 0
-        for chunk in loader:
+        for chunk in chunks:
             for q, where, reason in chunk.bad:
                 log.warning("rank %d: skipping corrupt sample %s: %s", c.rank, where, reason)
                 bad_positions.append(q)
             corrupt += len(chunk.bad)
-            images.append(chunk.images)
-            labels.append(chunk.labels)
-            mirror.append(chunk.mirror)
-            ends.append(chunk.positions)
+            images.append(chunk.images if chunk.slot < 0 else ring.view(chunk.slot, chunk.decoded))
+            labels.append(torch.from_numpy(chunk.labels))
+            mirror.append(torch.from_numpy(chunk.mirror))
+            ends.append(torch.from_numpy(chunk.positions))
             have += chunk.decoded
             while have >= c.batch_size:
                 batch_images, images = _take(images, c.batch_size)
