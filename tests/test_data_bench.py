@@ -29,6 +29,7 @@ def test_bench_data_prints_json_with_both_rates(tiny, kind, capsys):
     assert code == 0 and result["loader"] == kind and result["num_samples"] == 64
     assert result["images_per_s"] > 0 and result["decode_only_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["images_per_s"] / result["decode_only_images_per_s"], rel=0.01)
+    assert result["ratio_q1"] == result["ratio"] == result["ratio_q3"]  # one pair
 
 
 def test_dali_device_follows_the_torch_device():

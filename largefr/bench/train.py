@@ -4,8 +4,10 @@ One process (world size 1, the device largefr.distributed picks), the recipe's b
 and loader. Measurements alternate, ``--repeats`` times: ``--steps`` optimizer steps fed by the loader,
 then ``--steps`` steps cycling through batches taken from that loader once and kept on the device
 (the step's input is the loaders' uint8 batch and mirror flags in both; mirroring and normalisation on
-the device are part of the step). Each measurement starts with ``--warmup`` untimed steps, which also drain whatever the loader
-prefetched meanwhile. ``loader_over_memory`` = median images/s with the loader / median in memory;
+the device are part of the step). Each measurement starts with ``--warmup`` untimed steps, which also
+drain whatever the loader prefetched meanwhile (keep it above the loader's prefetch depth).
+``loader_over_memory`` is the median over the pairs of (images/s with the loader / images/s from memory
+right after it), with its quartiles (largefr.bench.paired: adjacent pairs cancel the machine's drift);
 1 - that is the share of training throughput the loader costs.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from largefr.bench.paired import paired_ratio
 from largefr.data.loader import LoadedBatch
 
 Batches = Iterator[LoadedBatch]
@@ -34,9 +37,11 @@ class TrainBenchResult:
     batch_size: int
     steps: int
     repeats: int
-    loader_images_per_s: float
+    loader_images_per_s: float  # medians over the repeats
     memory_images_per_s: float
-    loader_over_memory: float
+    loader_over_memory: float  # median of the pair ratios
+    ratio_q1: float
+    ratio_q3: float
 
 
 def endless(loader: Any) -> Batches:
@@ -85,9 +90,11 @@ def run_bench(config: Path, overrides: list[str], steps: int, warmup: int, repea
         source.close()
     finally:
         shutdown()
-    r, m = statistics.median(real), statistics.median(memory)
+    ratio = paired_ratio(real, memory)
     return TrainBenchResult(str(config), str(ctx.device), cfg.data.loader, cfg.data.num_workers, cfg.train.precision,
-                            cfg.train.batch_size, steps, repeats, round(r, 1), round(m, 1), round(r / m, 3))
+                            cfg.train.batch_size, steps, repeats, round(statistics.median(real), 1),
+                            round(statistics.median(memory), 1), round(ratio.median, 3), round(ratio.q1, 3),
+                            round(ratio.q3, 3))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,9 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training recipe (default: the CPU demo's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                         help="override a config field, e.g. --set data.path=/data/synth (repeatable)")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating measurements; medians are reported")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps before each measurement")
+    parser.add_argument("--repeats", type=int, default=12,
+                        help="alternating (loader, memory) pairs; the median pair ratio is reported")
     parser.add_argument("--in-memory", type=int, default=16, help="distinct batches kept for the in-memory steps")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
@@ -116,5 +124,6 @@ def run(args: argparse.Namespace) -> int:
 def _format(r: dict[str, Any]) -> str:
     return (f"{r['config']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, {r['loader']} loader, "
             f"{r['workers']} workers): {r['loader_images_per_s']:.1f} images/s with the loader, "
-            f"{r['memory_images_per_s']:.1f} from memory, ratio {r['loader_over_memory']:.3f} "
-            f"(loader cost {100 * (1 - r['loader_over_memory']):.1f}%)")
+            f"{r['memory_images_per_s']:.1f} from memory (medians), ratio {r['loader_over_memory']:.3f} per pair "
+            f"(quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} over {r['repeats']} pairs; "
+            f"loader cost {100 * (1 - r['loader_over_memory']):.1f}%)")
