@@ -149,8 +149,9 @@ class TorchLoader(FaceLoader):
         chunks = iter(make_dataloader(stream, c.num_threads, c.prefetch, pin=c.device.type != "cpu"))
         try:
             yield from self._cut(chunks, ring, plan)
-        except GeneratorExit:  # closed by the consumer: no traceback keeps the workers alive
-            del chunks  # the DataLoader iterator stops and joins its workers when collected
+        except GeneratorExit:  # closed by the consumer: stop the workers, then the ring may serve the next epoch
+            # what the DataLoader iterator does when collected (join, else terminate), done now
+            getattr(chunks, "_shutdown_workers", lambda: None)()
             self._idle_ring = ring
             raise
 

@@ -122,8 +122,13 @@ class WandbLogger(Logger):
 
     def close(self) -> None:
         if self._run is not None:
+            import wandb
+
             self._run.finish()
             self._run = None
+            # wandb's own atexit teardown is unreliable once processes were forked or spawned (its docs);
+            # at exit it then fails on a service connection already gone
+            wandb.teardown()
 
 
 class MultiLogger(Logger):
