@@ -240,3 +240,38 @@ def test_load_state_dict_rejects_states_it_cannot_resume(tmp_path):
     rescaled = {**ok, "world_size": 2, "batch_size": 2, "position": 7}  # 3 batches of 2x2 = 12 samples
     loader.load_state_dict(rescaled)
     assert (loader.state_dict()["step"], loader.state_dict()["position"]) == (3, 12)
+
+
+def _encoded(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(len(mode) + size[0])
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.squeeze(2) if channels == 1 else pixels, mode).save(buf, fmt, quality=90)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_decodes_into_the_buffer_and_agrees_with_pil(monkeypatch):
+    pytest.importorskip("simplejpeg")
+    from largefr.data import samples
+
+    jpeg = _encoded("RGB", (24, 16))
+    cases = {
+        "rgb jpeg": jpeg, "grey jpeg": _encoded("L", (24, 16)), "cmyk jpeg": _encoded("CMYK", (24, 16)),
+        "png": _encoded("RGB", (24, 16), "PNG"), "other size": _encoded("RGB", (20, 16)),
+        "garbage": b"\xff\xd8garbage", "truncated": jpeg[: len(jpeg) // 2], "not an image": b"GIF89a?",
+    }
+    fast, buffers = {}, {}
+    for name, data in cases.items():
+        buffers[name] = np.zeros((16, 24, 3), dtype=np.uint8)
+        fast[name] = samples.decode_image(data, (16, 24), out=buffers[name])
+    assert fast["rgb jpeg"][0] is buffers["rgb jpeg"] and buffers["rgb jpeg"].any()
+    assert fast["other size"] == (None, "image is 16x20, expected 16x24")
+    monkeypatch.setattr(samples, "simplejpeg", None)
+    for name, data in cases.items():
+        array, reason = samples.decode_image(data, (16, 24))
+        fast_array, fast_reason = fast[name]
+        assert (array is None) == (fast_array is None) and reason == fast_reason, name
+        if array is not None:
+            assert np.array_equal(array, fast_array), name  # libjpeg-turbo both ways: the same pixels
+    assert fast["truncated"][0] is None and fast["not an image"][0] is None

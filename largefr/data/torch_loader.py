@@ -74,6 +74,7 @@ class ChunkStream(IterableDataset):
         mirror = np.empty(q1 - q0, dtype=bool)
         positions = np.empty(q1 - q0, dtype=np.int64)
         bad: list[tuple[int, str, str]] = []
+        scratch = np.empty((h, w, 3), dtype=np.uint8)  # decode-only: decoded, then dropped
         n = 0
         for seg in self.plan.segments(q0, q1):
             for i, row in enumerate(seg.rows.tolist()):
@@ -82,13 +83,14 @@ class ChunkStream(IterableDataset):
                     label = parse_label(raw.label, self.manifest.num_classes)
                 except LabelOutOfRange as exc:
                     raise exc.at(reader.describe(seg.shard, row)) from None
-                array, reason = decode_image(raw.image, (h, w))
+                target = images[n] if keep else scratch  # JPEGs decode straight into it (largefr.data.samples)
+                array, reason = decode_image(raw.image, (h, w), out=target)
                 if label is None and array is not None:
                     reason = f"label {raw.label[:24]!r} is not a class id in [0, {self.manifest.num_classes})"
                 if label is None or array is None:
                     bad.append((seg.start + i, reader.describe(seg.shard, row), reason))
                     continue
-                if keep:
+                if keep and array is not target:
                     images[n] = array
                 labels[n], positions[n], mirror[n] = label, seg.start + i, flips[seg.start + i - q0]
                 n += 1
