@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader", choices=("dali", "torch"), default="dali")
     parser.add_argument("--threads", type=int, default=2, help="DALI threads / torch DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")
     parser.add_argument("--repeats", type=int, default=5,
                         help="alternating (decode-only, train-ready) pairs; the median pair ratio is reported")
