@@ -294,3 +294,16 @@ def test_slot_ring_frees_a_slot_with_its_last_view_and_reclaims_stopped_claims()
     assert ring.claim(0) is not None
     with pytest.raises(ValueError, match="slot 5"):
         ring.view(5, 1)
+
+
+def test_torch_loader_without_room_for_a_ring_copies_chunks_as_before(dataset, monkeypatch, caplog):
+    from largefr.data import shm_ring, torch_loader
+
+    monkeypatch.setattr(torch_loader, "shared_memory_free_bytes", lambda: 1 << 20)  # a tiny /dev/shm
+    monkeypatch.setattr(shm_ring.SlotRing, "__init__", lambda *a: pytest.fail("no ring may be allocated"))
+    loader = build_loader(dataset, batch_size=8, kind="torch", num_threads=2)
+    with caplog.at_level(logging.INFO, logger="largefr.data"):
+        batches = collect(loader)
+    assert len(batches) == 12 and "no shared-memory ring" in caplog.text
+    monkeypatch.undo()
+    assert collect(build_loader(dataset, batch_size=8, kind="torch", num_threads=2)) == batches  # with a ring

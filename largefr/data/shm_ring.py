@@ -17,6 +17,7 @@ writer. A worker stopped while it held a slot (a loader closed mid-epoch) leaves
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -24,6 +25,16 @@ import numpy as np
 import torch
 
 FREE, CLAIMED = 0, 1
+SHARED_MEMORY_DIR = "/dev/shm"  # where torch's CPU shared memory lives on Linux
+
+
+def shared_memory_free_bytes() -> int | None:
+    """Free bytes of the shared-memory file system, or None where it cannot be told (not Linux)."""
+    try:
+        stat = os.statvfs(SHARED_MEMORY_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 class _SlotArray(np.ndarray):

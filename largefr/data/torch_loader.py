@@ -24,7 +24,7 @@ from largefr.data.loader import Batch, FaceLoader, LoaderConfig, out_of_samples_
 from largefr.data.manifest import Manifest
 from largefr.data.epoch_order import EpochPlan
 from largefr.data.samples import ShardReader, decode_image
-from largefr.data.shm_ring import SlotRing
+from largefr.data.shm_ring import SlotRing, shared_memory_free_bytes
 
 log = logging.getLogger("largefr.data")
 
@@ -131,17 +131,24 @@ class TorchLoader(FaceLoader):
     kind = "torch"
     _idle_ring: SlotRing | None = None  # the ring of the last iteration, once its workers have stopped
 
-    def _ring(self) -> SlotRing:
-        """A slot ring no running worker writes to: the idle one (its stopped workers' claims freed) or a new one."""
+    def _ring(self) -> SlotRing | None:
+        """A slot ring no running worker writes to: the idle one (its stopped workers' claims freed), a new one,
+        or None where shared memory is too small for one (chunks then travel as copies, as in torch's own path)."""
         c, (h, w) = self.config, self.manifest.image_size
         ring, self._idle_ring = self._idle_ring, None
-        if ring is None:
-            workers = max(1, c.num_threads)
-            # every chunk in flight (prefetch per worker), the batch the step holds and the one being cut
-            ring = SlotRing(workers * (c.prefetch + 2), (c.batch_size, h, w, 3), workers)
-        else:
+        if ring is not None:
             ring.reclaim()
-        return ring
+            return ring
+        workers = max(1, c.num_threads)
+        # every chunk in flight (prefetch per worker), the batch the step holds and the one being cut
+        slots, shape = workers * (c.prefetch + 2), (c.batch_size, h, w, 3)
+        free = shared_memory_free_bytes()
+        need = slots * int(np.prod(shape))
+        if free is not None and 2 * need > free:  # e.g. a container's 64 MiB /dev/shm: keep room for the rest
+            log.info("rank %d: no shared-memory ring (%d MiB of %d MiB free); chunks are copied", c.rank,
+                     need >> 20, free >> 20)
+            return None
+        return SlotRing(slots, shape, workers)
 
     def _batches(self, plan: EpochPlan, position: int, step: int) -> Iterator[Batch]:
         c = self.config
@@ -157,7 +164,7 @@ class TorchLoader(FaceLoader):
             self._idle_ring = ring
             raise
 
-    def _cut(self, chunks: Iterator[Chunk], ring: SlotRing, plan: EpochPlan) -> Iterator[Batch]:
+    def _cut(self, chunks: Iterator[Chunk], ring: SlotRing | None, plan: EpochPlan) -> Iterator[Batch]:
         """Full batches cut from the decoded chunks (corrupt samples dropped), moved to the device."""
         c = self.config
         images: list[torch.Tensor] = []
@@ -171,7 +178,7 @@ class TorchLoader(FaceLoader):
                 log.warning("rank %d: skipping corrupt sample %s: %s", c.rank, where, reason)
                 bad_positions.append(q)
             corrupt += len(chunk.bad)
-            images.append(chunk.images if chunk.slot < 0 else ring.view(chunk.slot, chunk.decoded))
+            images.append(chunk.images if ring is None or chunk.slot < 0 else ring.view(chunk.slot, chunk.decoded))
             labels.append(torch.from_numpy(chunk.labels))
             mirror.append(torch.from_numpy(chunk.mirror))
             ends.append(torch.from_numpy(chunk.positions))
