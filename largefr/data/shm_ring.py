@@ -2,7 +2,8 @@
 
 A tensor returned by a DataLoader worker is copied into a new shared-memory segment, which the training
 process then maps: at 112x112 a 256-image uint8 chunk is 9.6 MB, ~2,350 freshly faulted pages and a
-copy on the worker (6-7 ms of its ~65 ms of decoding per chunk, measured on this project's 2-core VM),
+copy on the worker (6-7 ms per chunk on this project's 2-core VM, where PIL decoded one in ~60 ms and
+simplejpeg in ~25 ms),
 then a map, an unmap and more faults where the step reads it. Here the training process allocates the
 slots once, before the workers start (they inherit them): a worker decodes chunk ``c`` straight into
 slot ``c mod S`` and sends only the slot's index; the training process hands out a view of that slot
