@@ -4,7 +4,7 @@ In one run, on the same shards and thread count, alternately times (a) reading +
 (DALI: reader + decoder pipeline, outputs dropped; torch: DataLoader workers reading + PIL-decoding)
 and (b) the full loader up to train-ready: what the training step takes, the uint8 [B, 3, H, W] batch
 (the decoders' HWC memory) with its mirror flags and parsed labels, all on the device. The ratio
-train-ready / decode-only is the loader's overhead; the medians over ``--repeats`` are reported.
+train-ready / decode-only is the loader's overhead (paired, see below).
 Mirroring, the transpose to NCHW and the float conversion are the step's own, on the compute device
 (largefr.models.input); their time per batch on the bench's device is reported beside the ratio
 (``step_input_ms``), so that on a CPU, where the step and the loader share cores, nothing is hidden.

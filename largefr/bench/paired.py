@@ -19,11 +19,6 @@ class PairedRatio:
     q3: float
     pairs: int
 
-    def describe(self) -> str:
-        if self.pairs < 2:
-            return f"{self.median:.3f} (1 pair)"
-        return f"{self.median:.3f} (quartiles {self.q1:.3f}-{self.q3:.3f} over {self.pairs} pairs)"
-
 
 def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> PairedRatio:
     """Median and quartiles of numerators[i] / denominators[i]."""
