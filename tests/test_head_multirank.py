@@ -23,12 +23,17 @@ def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_head_cases(ctx: Any) -> list[dict[str, Any]]:
+    from largefr.heads import sharded_softmax
+
+    default_tile = sharded_softmax.CPU_TILE_BYTES
     x_all, labels_all = global_batch(ctx.world_size)
     rows = slice(ctx.rank * BATCH, (ctx.rank + 1) * BATCH)
     out = []
     for margin_index, margin in enumerate(ALL_MARGINS):
         for rate in RATES:
             for chunk in (None, 4):
+                # chunked cases also run the logits' elementwise passes in one-row tiles (one tile otherwise)
+                sharded_softmax.CPU_TILE_BYTES = 1 if chunk else default_tile
                 head = PartialFC(margin, DIM, NUM_CLASSES, rate, ctx.group, seed=SEED, chunk_rows=chunk)
                 x = x_all[rows].clone().requires_grad_(True)
                 loss = head(x, labels_all[rows])

@@ -391,3 +391,31 @@ def test_row_blocks_follow_the_device_and_do_not_change_the_step(monkeypatch: py
 
     # a block's G^T x is a GEMM whose kernel (hence summation order) BLAS picks by its row count: equal to rounding
     torch.testing.assert_close(train(None), train(3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [margins.Softmax(), margins.ArcFace(16.0), margins.SubCenterArcFace(16.0, 0.5, 3),
+                                    margins.CurricularFace(16.0, 0.5, interclass_filter=0.3)], ids=repr)
+@pytest.mark.parametrize("rate,chunk", [(1.0, None), (0.5, None), (0.5, 4)])
+def test_logit_tiles_do_not_change_the_step(
+    margin: margins.Margin, rate: float, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logits' elementwise passes run in row tiles (cache-sized on the CPU); every pass is row-wise, so
+    one-row tiles give the same bits as one tile per chunk. An accelerator (and the meta device) uses one tile."""
+    from largefr.heads import sharded_softmax
+
+    assert sharded_softmax.row_tiles(10, 1_000_000, torch.device("cpu")) == [(a, a + 1) for a in range(10)]
+    assert sharded_softmax.row_tiles(10, 1000, torch.device("cpu")) == [(0, 10)]
+    assert sharded_softmax.row_tiles(1024, 10**6, torch.device("meta")) == [(0, 1024)]
+
+    def step(tile_bytes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(sharded_softmax, "CPU_TILE_BYTES", tile_bytes)
+        head = PartialFC(margin, DIM, 40, rate, seed=3, chunk_rows=chunk)
+        x, labels = make_batch(10, 40, seed=5)
+        x.requires_grad_(True)
+        loss = head(x, labels)
+        loss.backward()
+        return [loss.detach(), x.grad, head.row_grad().grad]  # type: ignore[union-attr]
+
+    whole, one_row = step(1 << 30), step(1)
+    for a, b in zip(whole, one_row):
+        assert torch.equal(a, b)
