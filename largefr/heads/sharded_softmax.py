@@ -116,9 +116,11 @@ def row_tiles(rows: int, cols: int, device: torch.device) -> list[tuple[int, int
     On the CPU a tile is ~2 MiB, so the passes after a GEMM (column scaling, softmax and row maxima; in the
     backward the row and column factors) run in cache and the buffer crosses memory about once each way
     instead of once per pass. Measured here for [256, 50K] logits: forward passes 30 -> 24 ms, backward
-    7.3 -> 5.9 ms, also beside a second process competing for the cache; in the 2-rank head step (C = 1M,
-    r = 0.1, 16 interleaved rounds) 879 ms untiled, 855 ms with 4 MiB tiles, 828 ms with 2 MiB. On an
-    accelerator one tile: each kernel is one pass over memory anyway, and more launches only add host time."""
+    7.3 -> 5.9 ms, also beside a second process competing for the cache. Whole 2-rank head steps, untiled
+    against 2 MiB tiles interleaved: C = 200K, r = 1: 1334 -> 1259 ms (median of 10 rounds); C = 1M, r = 0.1:
+    879 -> 828 ms (16 rounds), though alternating `bench head` runs could not separate the two from this VM's
+    noise. On an accelerator one tile: each kernel is one pass over memory anyway, and more launches only add
+    host time."""
     size = rows if device.type != "cpu" else max(1, min(rows, CPU_TILE_BYTES // max(4 * cols, 1)))
     return [(a, min(a + size, rows)) for a in range(0, rows, size)]
 
