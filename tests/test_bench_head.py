@@ -33,6 +33,8 @@ def test_bench_head_json_has_both_ratios_for_each_storage_dtype(capsys):
         assert result["num_classes"] == 3000 and result["sampled_rows_per_rank"] >= 750
         assert result["step_ms"] > 0 and result["floor_ms"] > 0 and result["row_traffic_ms"] > 0
         assert 0 < result["step_over_floor_plus_traffic"] < result["step_over_floor"]
+        q1, q3 = result["step_over_floor_plus_traffic_quartiles"]
+        assert q1 <= result["step_over_floor_plus_traffic"] <= q3
         assert result["slice_plus_state_mb"] == pytest.approx(2 * 1500 * 32 * size / 2**20)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from largefr.bench.paired import paired_ratio
 from largefr.distributed import DistContext, barrier
 from largefr.distributed.spawn import run_local_ranks
 from largefr.heads.margins import parse_margin_param
@@ -66,6 +67,8 @@ class RankResult:
     ratio: float  # median over iterations of step / floor
     traffic_s: float
     ratio_with_traffic: float  # median over iterations of step / (floor + row traffic)
+    ratio_with_traffic_q1: float  # its quartiles over the iterations (how far one pair can be trusted)
+    ratio_with_traffic_q3: float
     peak_rss_bytes: int
     weight_bytes: int
     state_bytes: int
@@ -242,12 +245,15 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig, head: Any, opt: torch.op
         (_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device),
          _timed(traffic, ctx.group, ctx.device)) for _ in range(cfg.steps)
     ])
+    with_traffic = paired_ratio(steps, [b + c for b, c in zip(floors, moves)])
     return RankResult(
         step_s=statistics.median(steps),
         floor_s=statistics.median(floors),
         ratio=statistics.median(a / b for a, b in zip(steps, floors)),
         traffic_s=statistics.median(moves),
-        ratio_with_traffic=statistics.median(a / (b + c) for a, b, c in zip(steps, floors, moves)),
+        ratio_with_traffic=with_traffic.median,
+        ratio_with_traffic_q1=with_traffic.q1,
+        ratio_with_traffic_q3=with_traffic.q3,
         peak_rss_bytes=peak_rss,
         weight_bytes=head.weight.numel() * head.weight.element_size(),
         state_bytes=sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0),
@@ -285,6 +291,7 @@ def _summary(cfg: HeadBenchConfig, ranks: list[RankResult | str]) -> dict[str, A
         return {**asdict(cfg), **margin, "skipped": reasons[0], "planned_mb": planned_bytes(cfg) / 2**20}
     done = [r for r in ranks if isinstance(r, RankResult)]
     worst_mem = max(done, key=lambda r: r.peak_rss_bytes)
+    worst_traffic = max(done, key=lambda r: r.ratio_with_traffic)  # the rank whose median ratio is reported
     slice_state = worst_mem.weight_bytes + worst_mem.state_bytes
     out = {
         **asdict(cfg),
@@ -295,7 +302,8 @@ def _summary(cfg: HeadBenchConfig, ranks: list[RankResult | str]) -> dict[str, A
         "floor_ms": 1000 * max(r.floor_s for r in done),
         "step_over_floor": max(r.ratio for r in done),
         "row_traffic_ms": 1000 * max(r.traffic_s for r in done),
-        "step_over_floor_plus_traffic": max(r.ratio_with_traffic for r in done),
+        "step_over_floor_plus_traffic": worst_traffic.ratio_with_traffic,
+        "step_over_floor_plus_traffic_quartiles": [worst_traffic.ratio_with_traffic_q1, worst_traffic.ratio_with_traffic_q3],
         "peak_rss_mb": worst_mem.peak_rss_bytes / 2**20,
         "slice_plus_state_mb": slice_state / 2**20,
         "rss_over_slice_plus_state": worst_mem.peak_rss_bytes / slice_state,
@@ -365,9 +373,11 @@ def _format(r: dict[str, Any]) -> str:
     else:
         memory = (f"peak RSS {r['peak_rss_mb']:.0f} MB = {r['rss_over_slice_plus_state']:.2f} x slice+state "
                   f"({r['slice_plus_state_mb']:.0f} MB)")
+    q1, q3 = r["step_over_floor_plus_traffic_quartiles"]
     return (
         f"{name} on {r['device']}: K={r['sampled_rows_per_rank']:,} rows/rank  "
         f"step {r['step_ms']:.2f} ms  floor {r['floor_ms']:.2f} ms  step/floor {r['step_over_floor']:.2f}  "
-        f"row traffic {r['row_traffic_ms']:.2f} ms  step/(floor+traffic) {r['step_over_floor_plus_traffic']:.2f}  "
+        f"row traffic {r['row_traffic_ms']:.2f} ms  step/(floor+traffic) {r['step_over_floor_plus_traffic']:.2f} "
+        f"(quartiles {q1:.2f}-{q3:.2f})  "
         f"{memory}  margin extra cost: {r['margin_extra_cost']}"
     )
