@@ -12,8 +12,8 @@ planner says does not fit in the device's free memory is skipped, one that runs 
 reported as such, and the other configurations still run (all in one process per rank).
 
 Beside the GEMM floor, the same alternation times the row traffic a row-sparse step cannot avoid: each
-sampled row of W and of every optimizer state read once and written once (r < 1: torch's gather and
-scatter of those rows, the ops the optimizer uses; r = 1: one in-place pass over the slice and its
+sampled row of W and of every optimizer state read once and written once (r < 1: the gather and
+scatter of those rows that the head and its optimizers use, largefr.heads.weight_store; r = 1: one in-place pass over the slice and its
 state). On a machine whose memory bandwidth is low against its GEMM rate, step / (GEMM + traffic) shows
 how much of the step is neither.
 
@@ -39,6 +39,7 @@ from largefr.bench.paired import paired_ratio
 from largefr.distributed import DistContext, barrier
 from largefr.distributed.spawn import run_local_ranks
 from largefr.heads.margins import parse_margin_param
+from largefr.heads.weight_store import gather_rows, scatter_rows
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,10 +108,10 @@ class _RowTraffic:
             for t in self.tensors:
                 t.mul_(1.0)
             return
+        for t, rows in zip(self.tensors, self.rows):  # the primitives the head's gathers and optimizers use
+            gather_rows(t, self.ids, rows)
         for t, rows in zip(self.tensors, self.rows):
-            torch.index_select(t, 0, self.ids, out=rows)
-        for t, rows in zip(self.tensors, self.rows):
-            t.index_copy_(0, self.ids, rows)
+            scatter_rows(t, self.ids, rows)
 
 
 def _sync(device: torch.device) -> None:

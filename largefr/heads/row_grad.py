@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from largefr.heads.factored_grad import FactoredWeightGrad
+from largefr.heads.weight_store import gather_rows
 from largefr.heads.workspace import Lease
 
 BLOCK_ROWS = 2048  # CPU: rows per cache-sized block (4 MiB of fp32 at D = 512)
@@ -54,7 +55,7 @@ class SparseRowGrad:
             return self.rows[a:b]
         if self.ids is None:
             return weight[a:b]
-        return torch.index_select(weight, 0, self.ids[a:b], out=out) if out is not None else weight.index_select(0, self.ids[a:b])
+        return gather_rows(weight, self.ids[a:b], out)
 
     def grad_block(
         self, a: int, b: int, rows: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None = None
