@@ -13,7 +13,9 @@ and records:
   as ``max_memory_allocated``, used on an accelerator, excludes the CUDA context. RSS is a high-water mark,
   so a head smaller than the baseline reads 0. ``fixed_mb`` reports the warm-up's own increase;
 - the planner's prediction for the same layout (largefr.memory_plan, head only), device + host terms;
-- the step time and the fp32 GEMM floor of that step's shapes, timed alternately in the same run.
+- the step time and the fp32 GEMM floor of that step's shapes, timed alternately in the same run; the ratio
+  is the median of step / floor over those pairs (largefr.bench.paired), with its quartiles, on the rank
+  where it is largest.
 Writes ``results.csv`` and ``results.json`` to ``--out`` and draws the PNG plots (largefr.bench.scale_plots).
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from largefr.bench.paired import PairedRatio, paired_ratio
 from largefr.distributed import DistContext
 from largefr.distributed.spawn import run_local_ranks
 
@@ -50,7 +53,7 @@ class ScalePoint:
     embedding_size: int = 512
     batch_size: int = 128
     warmup: int = 2
-    steps: int = 5
+    steps: int = 8
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class RankMeasure:
     peak_bytes: int
     step_s: float
     floor_s: float
-    step_over_floor: float
+    step_over_floor: PairedRatio  # the median of step / floor over the alternating pairs, with quartiles
     sampled_rows: int
 
 
@@ -116,7 +119,7 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
     floor()
     steps, floors = zip(*[(_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device)) for _ in range(point.steps)])
     return RankMeasure(baseline, baseline - before, peak, statistics.median(steps), statistics.median(floors),
-                       statistics.median(a / b for a, b in zip(steps, floors)), sampled)
+                       paired_ratio(steps, floors), sampled)
 
 
 def planned_bytes(point: ScalePoint) -> tuple[int, int]:
@@ -138,6 +141,7 @@ def measure_point(point: ScalePoint) -> dict[str, Any]:
     ranks = run_local_ranks(_measure_rank, point.world_size, point, timeout_s=POINT_TIMEOUT_S, threads_per_rank=threads)
     device_plan, host_plan = planned_bytes(point)
     worst = max(ranks, key=lambda r: r.peak_bytes)
+    slowest = max(ranks, key=lambda r: r.step_over_floor.median)
     predicted = device_plan + host_plan  # on CPU, host and "device" memory are the same RSS
     return {
         **asdict(point),
@@ -152,7 +156,8 @@ def measure_point(point: ScalePoint) -> dict[str, Any]:
         "measured_over_planned": worst.peak_bytes / predicted,
         "step_ms": 1000 * max(r.step_s for r in ranks),
         "fp32_floor_ms": 1000 * max(r.floor_s for r in ranks),
-        "step_over_fp32_floor": max(r.step_over_floor for r in ranks),
+        "step_over_fp32_floor": slowest.step_over_floor.median,
+        "step_over_fp32_floor_quartiles": [slowest.step_over_floor.q1, slowest.step_over_floor.q3],
         "wall_s": time.perf_counter() - started,
     }
 
@@ -174,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=["device", "host"], nargs="+", default=["device"])
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128, help="per rank")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps, each paired with a floor")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-scale"), help="results.csv, results.json, *.png")
     parser.add_argument("--no-plots", action="store_true")
@@ -187,11 +192,13 @@ def run(args: argparse.Namespace) -> int:
         point = ScalePoint(classes, world, rate, dtype, storage, args.embedding_size, args.batch_size, args.warmup, args.steps)
         row = measure_point(point)
         rows.append(row)
+        q1, q3 = row["step_over_fp32_floor_quartiles"]
         write_results(rows, args.out)  # after every point: a long sweep keeps what it measured
         print(
             f"C={classes:,} N={world} r={rate} {dtype} {storage}: peak {row['peak_mb']:.0f} MB/rank, planner "
             f"{row['planned_mb']:.0f} MB ({row['measured_over_planned']:.3f}x); step {row['step_ms']:.1f} ms = "
-            f"{row['step_over_fp32_floor']:.2f} x fp32 GEMM floor; {row['sampled_rows_per_rank']:,} sampled rows/rank",
+            f"{row['step_over_fp32_floor']:.2f} x fp32 GEMM floor (quartiles {q1:.2f}-{q3:.2f}); "
+            f"{row['sampled_rows_per_rank']:,} sampled rows/rank",
             flush=True,
         )
     if not args.no_plots:
