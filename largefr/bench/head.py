@@ -13,9 +13,9 @@ reported as such, and the other configurations still run (all in one process per
 
 Beside the GEMM floor, the same alternation times the row traffic a row-sparse step cannot avoid: each
 sampled row of W and of every optimizer state read once and written once (r < 1: the gather and
-scatter of those rows that the head and its optimizers use, largefr.heads.weight_store; r = 1: one in-place pass over the slice and its
-state). On a machine whose memory bandwidth is low against its GEMM rate, step / (GEMM + traffic) shows
-how much of the step is neither.
+scatter of those rows that the head and its optimizers use, largefr.heads.weight_store; r = 1: one
+in-place pass over the slice and its state). On a machine whose memory bandwidth is low against its GEMM
+rate, step / (GEMM + traffic) shows how much of the step is neither.
 
 ``--margin NAME`` (a largefr.heads.margins registry name, default arcface; ``--margin-param k=v`` for its
 parameters) times that margin's head. The floor stays the plain head's three GEMMs over the sampled class
