@@ -6,19 +6,25 @@ import json
 import pytest
 import torch
 
-from largefr.bench.head import _RowTraffic
+from largefr.bench.baselines import RowTraffic
+from largefr.heads.host_kernel import host_kernels
 from largefr.cli import main as cli_main
 
 
 @pytest.mark.parametrize("ids", [None, torch.tensor([0, 3, 4, 9])])
-def test_row_traffic_moves_rows_without_changing_them(ids):
-    weight, momentum = torch.randn(10, 6), torch.randn(10, 6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("host_kernel", [False, True])
+def test_row_traffic_moves_rows_without_changing_them(ids, dtype, host_kernel):
+    if host_kernel and host_kernels() is None:
+        pytest.skip("no working C compiler for the host SGD kernel")
+    weight, momentum = torch.randn(10, 6).to(dtype), torch.randn(10, 6).to(dtype)
     before = [weight.clone(), momentum.clone()]
-    traffic = _RowTraffic([weight, momentum], ids)
+    traffic = RowTraffic([weight, momentum], ids, host_kernel=host_kernel)
+    assert (traffic.library is not None) == (host_kernel and ids is not None)
     traffic()
     traffic()
     assert torch.equal(weight, before[0]) and torch.equal(momentum, before[1])
-    if ids is not None:
+    if ids is not None and not host_kernel:
         assert torch.equal(traffic.rows[1], momentum[ids])
 
 

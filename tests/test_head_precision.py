@@ -313,9 +313,11 @@ def test_rounding_in_the_optimizers_block_buffers_equals_fresh_buffers(
     monkeypatch: pytest.MonkeyPatch, weight_dtype: str, state_dtype: str, optimizer: str, storage: str, autocast: bool
 ) -> None:
     """The draw lands in the gradient buffer and the bf16 bits in scratch once the update has run: the same bits
-    as when both are fresh tensors, for W and every state, across several blocks."""
+    as when both are fresh tensors, for W and every state, across several blocks (torch's kernels: SGD on the
+    host otherwise runs the compiled kernel, tests/test_host_kernel.py)."""
     from largefr.heads import row_optim, weight_store
 
+    monkeypatch.setenv("LARGEFR_HOST_KERNELS", "0")
     in_buffers = _train_rows(weight_dtype, state_dtype, optimizer, storage, autocast)
     fresh_halves, fresh_round = row_optim.random_halves, weight_store.round_stochastic
     monkeypatch.setattr(row_optim, "random_halves", lambda n, device, source, out=None: fresh_halves(n, device, source))

@@ -29,17 +29,16 @@ import gc
 import json
 import resource
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from largefr.bench.baselines import GemmFloor, RowTraffic, sync, timed
 from largefr.bench.paired import paired_ratio
-from largefr.distributed import DistContext, barrier
+from largefr.distributed import DistContext
 from largefr.distributed.spawn import run_local_ranks
 from largefr.heads.margins import parse_margin_param
-from largefr.heads.weight_store import gather_rows, scatter_rows
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,57 +75,6 @@ class RankResult:
     sampled_rows: int
     device: str = "cpu"
     peak_device_bytes: int | None = None  # max_memory_allocated on an accelerator, None on the CPU
-
-
-class _GemmFloor:
-    """The step's three GEMMs for the same shapes and dtype, with preallocated outputs."""
-
-    def __init__(self, rows: int, cols: int, dim: int, dtype: torch.dtype | None,
-                 device: torch.device = torch.device("cpu")) -> None:
-        kw = {"dtype": dtype or torch.float32, "device": device}
-        self.x, self.w = torch.randn(rows, dim, **kw), torch.randn(cols, dim, **kw)
-        self.g = torch.randn(rows, cols, **kw)
-        self.logits = torch.empty(rows, cols, **kw)
-        self.grad_x, self.grad_w = torch.empty(rows, dim, **kw), torch.empty(cols, dim, **kw)
-
-    def __call__(self) -> None:
-        torch.mm(self.x, self.w.t(), out=self.logits)
-        torch.mm(self.g, self.w, out=self.grad_x)
-        torch.mm(self.g.t(), self.x, out=self.grad_w)
-
-
-class _RowTraffic:
-    """Reads and writes back, unchanged, the sampled rows of W and of each optimizer state."""
-
-    def __init__(self, tensors: list[torch.Tensor], ids: torch.Tensor | None) -> None:
-        self.tensors, self.ids = tensors, ids
-        self.rows = [] if ids is None else [torch.empty(ids.numel(), t.shape[1], dtype=t.dtype, device=t.device) for t in tensors]
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        if self.ids is None:
-            for t in self.tensors:
-                t.mul_(1.0)
-            return
-        for t, rows in zip(self.tensors, self.rows):  # the primitives the head's gathers and optimizers use
-            gather_rows(t, self.ids, rows)
-        for t, rows in zip(self.tensors, self.rows):
-            scatter_rows(t, self.ids, rows)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def _timed(fn: Any, group: Any, device: torch.device) -> float:
-    """Wall time of ``fn()`` with all ranks starting together and the device idle at both ends."""
-    _sync(device)
-    barrier(group)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def planned_bytes(cfg: HeadBenchConfig) -> int:
@@ -230,21 +178,22 @@ def _bench_rank(ctx: DistContext, cfg: HeadBenchConfig, head: Any, opt: torch.op
 
     for _ in range(cfg.warmup):
         step()
-    _sync(ctx.device)
+    sync(ctx.device)
     sampled = head.sampled_class_ids.numel()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the floor's own buffers
     peak_device = None if ctx.device.type == "cpu" else torch.accelerator.max_memory_allocated(ctx.device)
-    floor = _GemmFloor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype, ctx.device)
+    floor = GemmFloor(cfg.batch_size * ctx.world_size, sampled, cfg.embedding_size, dtype, ctx.device)
     floor()
     state = opt.state[head.weight]
     ids = None
     if cfg.sample_rate < 1.0:
         ids = expand_sub_center_rows(head.sampled_class_ids - head.class_range[0], head.sub_centers)
-    traffic = _RowTraffic([head.weight.detach(), *(t for t in state.values() if t.dim() == 2)], ids)
+    traffic = RowTraffic([head.weight.detach(), *(t for t in state.values() if t.dim() == 2)], ids,
+                          host_kernel=opt.steps_sampled_rows_on_host_kernel())
     # steps and floors alternate, so both see the same machine (other load, clock, cache state)
     steps, floors, moves = zip(*[
-        (_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device),
-         _timed(traffic, ctx.group, ctx.device)) for _ in range(cfg.steps)
+        (timed(step, ctx.group, ctx.device), timed(floor, ctx.group, ctx.device),
+         timed(traffic, ctx.group, ctx.device)) for _ in range(cfg.steps)
     ])
     with_traffic = paired_ratio(steps, [b + c for b, c in zip(floors, moves)])
     return RankResult(

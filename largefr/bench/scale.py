@@ -107,7 +107,7 @@ def _fixed_costs_warmed_up(ctx: DistContext, point: ScalePoint) -> tuple[int, in
 
 
 def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
-    from largefr.bench.head import _GemmFloor, _timed
+    from largefr.bench.baselines import GemmFloor, timed
 
     before, baseline = _fixed_costs_warmed_up(ctx, point) if ctx.device.type == "cpu" else (0, 0)
     head, step = _head_step(ctx, point, point.num_classes)
@@ -115,9 +115,9 @@ def _measure_rank(ctx: DistContext, point: ScalePoint) -> RankMeasure:
         step()
     peak = _memory_now(ctx.device) - baseline
     sampled = head.sampled_class_ids.numel()
-    floor = _GemmFloor(point.batch_size * ctx.world_size, sampled, point.embedding_size, None, ctx.device)  # fp32 floor
+    floor = GemmFloor(point.batch_size * ctx.world_size, sampled, point.embedding_size, None, ctx.device)  # fp32 floor
     floor()
-    steps, floors = zip(*[(_timed(step, ctx.group, ctx.device), _timed(floor, ctx.group, ctx.device)) for _ in range(point.steps)])
+    steps, floors = zip(*[(timed(step, ctx.group, ctx.device), timed(floor, ctx.group, ctx.device)) for _ in range(point.steps)])
     return RankMeasure(baseline, baseline - before, peak, statistics.median(steps), statistics.median(floors),
                        paired_ratio(steps, floors), sampled)
 

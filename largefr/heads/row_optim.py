@@ -28,8 +28,9 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from largefr.seeding import derive_seed
+from largefr.heads.host_kernel import host_kernels, kernel_applies, sgd_rows_
 from largefr.heads.row_grad import SparseRowGrad, block_rows
-from largefr.heads.stochastic_round import NoiseSource, random_halves, rounding_source
+from largefr.heads.stochastic_round import NoiseSource, random_halves, random_words16, rounding_source
 from largefr.heads.weight_store import WeightStore, resolve_dtype
 
 
@@ -126,6 +127,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         scratch, grad_buf, rows_buf, *state_bufs = self._block_buffers(len(buffers) + 3, weight.shape[1], device)
         low_precision = any(t.dtype != torch.float32 for t in (weight, *buffers))
         rounding = self._rounding_source(device) if low_precision else None
+        host_step = self._host_step(weight, buffers, ids, device)
         step = block_rows(device)
         for a in range(0, row_grad.num_rows, step):
             b = min(a + step, row_grad.num_rows)
@@ -136,6 +138,10 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             else:
                 rows, in_place = store.read_rows(weight, ids, a, b, rows_buf[: b - a])
             grad = row_grad.grad_block(a, b, rows, grad_buf[: b - a], scratch[: b - a])
+            if host_step is not None:  # the same update, rounding draws and bits, in one compiled pass
+                assert ids is not None
+                host_step(ids[a:b], rows, grad, None if rounding is None else random_words16(rows.numel(), device, rounding))
+                continue
             block_state = [store.read_rows(full, ids, a, b, out[: b - a]) for full, out in zip(buffers, state_bufs)]
             if not rows.is_meta:  # torch's update kernels have no meta version; in place, they allocate nothing
                 self._update(rows, grad, [rows_state for rows_state, _ in block_state])
@@ -148,6 +154,20 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             for full, (rows_state, view) in zip(buffers, block_state):
                 if not view:
                     store.write_rows(full, ids, a, b, rows_state, rounding, halves, rounded)
+
+    def steps_sampled_rows_on_host_kernel(self) -> bool:
+        """True when a step over sampled rows (r < 1) runs the compiled host kernel (largefr.heads.host_kernel)."""
+        state = [self.state[self.head.weight][name] for name in self._active_state_names()
+                 if name in self.state[self.head.weight]]
+        no_ids = torch.empty(0, dtype=torch.int64)
+        return self._host_step(self.head.weight.detach(), state, no_ids, self.head.compute_device) is not None
+
+    def _host_step(
+        self, weight: torch.Tensor, state: list[torch.Tensor], ids: torch.Tensor | None, device: torch.device
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None:
+        """A compiled host kernel that updates and writes back sampled rows in one pass
+        (largefr.heads.host_kernel), or None to use torch's kernels; called with (ids, rows, grad, noise)."""
+        return None
 
     def _rounding_source(self, device: torch.device) -> NoiseSource | None:
         """Stochastic-rounding stream of this step: seeded by (head seed, rank, head forward count)."""
@@ -183,6 +203,23 @@ class RowSparseSGD(_RowSparseOptimizer):
     def _active_state_names(self) -> tuple[str, ...]:
         # read at each step: schedulers (OneCycleLR) and load_state_dict change the group's momentum
         return self.state_names if self.param_groups[0]["momentum"] > 0 else ()
+
+    def _host_step(
+        self, weight: torch.Tensor, state: list[torch.Tensor], ids: torch.Tensor | None, device: torch.device
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None:
+        momentum = state[0] if state else None
+        if ids is None or not kernel_applies(weight, momentum, device):  # every row: updated in place already
+            return None
+        library = host_kernels()
+        if library is None:
+            return None
+        group = self.param_groups[0]
+        lr, mu, wd, nesterov = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), group["nesterov"]
+
+        def host_step(block_ids: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, noise: torch.Tensor | None) -> None:
+            sgd_rows_(library, block_ids, rows, grad, weight, momentum, noise, lr, mu, wd, nesterov)
+
+        return host_step
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state_rows: list[torch.Tensor]) -> None:
         group = self.param_groups[0]

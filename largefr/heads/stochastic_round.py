@@ -74,18 +74,24 @@ def rounding_source(device: torch.device, seed: int) -> NoiseSource | None:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def random_words16(numel: int, device: torch.device, source: NoiseSource | None) -> torch.Tensor:
+    """uint16 [numel] uniform 16-bit words, four per random 64-bit word of ``source`` (the draws of
+    :func:`random_halves`, before widening; the host SGD kernel reads them as they are)."""
+    count = (numel + 3) // 4
+    if isinstance(source, HostNoise):
+        words = source.words(count).to(device)
+    else:
+        words = torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=source)
+    return words.view(torch.uint16)[:numel]
+
+
 def random_halves(
     numel: int, device: torch.device, source: NoiseSource | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """int32 [numel] uniform in [0, 2^16): four per random 64-bit word, zero-extended (no masking pass).
 
     ``out``: a contiguous int32 tensor of at least ``numel`` elements on ``device`` to fill instead of a new one."""
-    count = (numel + 3) // 4
-    if isinstance(source, HostNoise):
-        words = source.words(count).to(device)
-    else:
-        words = torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=source)
-    halves = words.view(torch.uint16)[:numel]
+    halves = random_words16(numel, device, source)
     if out is None:
         return halves.to(torch.int32)
     if out.dtype != torch.int32 or not out.is_contiguous() or out.numel() < numel:
