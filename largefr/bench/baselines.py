@@ -34,7 +34,8 @@ class RowTraffic:
     """Reads and writes back, unchanged, the sampled rows of W and of each optimizer state, as the head moves them:
     gathered, then scattered (the primitives of largefr.heads.weight_store), or, where the head's SGD runs the
     compiled host kernel, W gathered into fp32 rows as the forward does and written back by that kernel
-    with a zero step (lr 0, momentum 1: m = 0 + m * 1 and w = w exactly; a momentum of -0.0 becomes +0.0)."""
+    with a zero step (lr 0, momentum 1: m = 0 + m * 1 and w + 0 * -m, the same values for finite W and
+    momentum; a zero's sign may flip)."""
 
     def __init__(self, tensors: list[torch.Tensor], ids: torch.Tensor | None, host_kernel: bool = False) -> None:
         self.tensors, self.ids = tensors, ids

@@ -15,6 +15,8 @@ another device (the head's largefr.heads.weight_store.WeightStore): each block's
 gathered into fp32 buffers on the compute device, updated there by the fused kernels, and written back
 with stochastic rounding (largefr.heads.stochastic_round) from a noise source seeded by (head seed, rank,
 the head's forward count), so a run is deterministic for its seed and world size and resumes exactly.
+On the CPU, SGD over sampled rows (fp32 or bf16 W and momentum) runs all of that for a block in one
+compiled pass with the same arithmetic and noise (largefr.heads.host_kernel), where a C compiler is available.
 
 Both are torch.optim.Optimizer subclasses over [head.weight], so LR schedulers, ``state_dict()`` and
 ``load_state_dict()`` work as usual; ``zero_grad()`` clears the head's row-gradient record.

@@ -3,20 +3,22 @@
    For each sampled row b (slice row ids[b]) and column d, with w = rows[b][d] (the W row gathered for the
    step, fp32) and g = grad[b][d]:
 
-       g    <- fma(w, wd, g)                      if wd != 0
+       g    <- fma(w, wd, g)                      if apply_wd (the caller's wd != 0, tested before rounding to fp32)
        m    <- g + m * mu                         m read from and written to momentum[ids[b]]   (if momentum)
        step <- fma(m, mu, g) if nesterov else m   (g without momentum)
        w    <- fma(step, -lr, w)                  written to weight[ids[b]]
 
-   The operation order, fused multiply-adds and fp32 rounding of lr, mu and wd are those of torch's fused CPU
-   SGD kernel (dampening 0), so an fp32 result has the same bits as torch.optim.sgd(fused=True) on gathered
-   rows followed by a scatter. A bf16 destination (weight or momentum) is written rounded stochastically with
+   The operation order, fused multiply-adds and fp32 rounding of lr, mu and wd are those of torch's vectorised
+   fused CPU SGD kernel (dampening 0), so an fp32 result has the same bits as torch.optim.sgd(fused=True) on
+   gathered rows followed by a scatter (except NaN sign and payload bits, and the few elements torch leaves to
+   its scalar remainder loop when a block is not a whole number of its vectors). A bf16 destination (weight or momentum) is written rounded stochastically with
    the 16-bit noise word k of that element: high 16 bits of (fp32 bits + k), the rule of
    largefr.heads.stochastic_round, with W and momentum sharing an element's k as the optimizer's torch path does.
 
    What it saves against that torch path: the fp32 copy of the momentum rows, the widened noise, the
    rounded copies and the separate scatters; each momentum row is read and written while in cache.
-   ids must be distinct and inside the slice (the Python wrapper checks); rows, grad and noise are
+   ids must be distinct and inside the slice (the Python wrapper checks that they increase strictly and
+   lie in the slice; it also checks every shape, dtype and layout); rows, grad and noise are
    row-major [num_rows, dim]. Returns 0, or 1 if a 16-bit destination has no noise, 2 for an unsupported
    combination. */
 #include <math.h>
@@ -81,8 +83,8 @@ INLINE void update_rows(const int64_t *ids, int64_t num_rows, int64_t dim, const
 
 int row_sgd_update(const int64_t *ids, int64_t num_rows, int64_t dim, const float *rows, const float *grad,
                    char *weight, int w16, char *momentum, int m16, const uint16_t *noise, float lr, float mu,
-                   float wd, int nesterov) {
-    const int has_m = momentum != 0, has_wd = wd != 0.0f;
+                   float wd, int apply_wd, int nesterov) {
+    const int has_m = momentum != 0, has_wd = apply_wd != 0;
     w16 = w16 != 0;
     m16 = has_m && m16 != 0;
     nesterov = has_m && nesterov != 0;
